@@ -1,0 +1,1 @@
+"""Campaign Monitor: the async API client and a faithful local simulator."""
