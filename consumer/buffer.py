@@ -1,0 +1,490 @@
+"""Per-destination coalescing buffer and flush policy (pure: no I/O, time passed in as ``now``).
+
+Guarantee 2 of the contract ("net effect, in event time") lives here.
+
+Coalescing, per (destination, normalised address) = per key of one ``DestinationBuffer``:
+
+* Only the latest change is kept: a later ``occurred_at_ms`` wins; on equal ``occurred_at_ms``
+  the later ``seq`` (arrival order, i.e. the later offset) wins (``REPLACED``). An older change
+  is absorbed (``MERGED_OLDER``); a redelivery of the buffered change (same ``event_id`` and,
+  as a redelivery has, same ``occurred_at_ms``) is a ``DUPLICATE``. Either way its position
+  joins the entry's ``holds``: every position merged into an entry stays pending until that
+  entry completes, so an offset is never committed before the change that superseded it is
+  durable. Enter-then-exit in one window is thus one removal, exit-then-enter one add, a
+  duplicate counts once.
+* ``LATE``: a change for a key with nothing buffered or in flight that is older than the change
+  last applied for it (``AppliedMemory``), or has the same ``occurred_at_ms`` and the same
+  direction (a replayed repeat), is not buffered; its position is handed back for immediate
+  release. Entries are checked again at ``take``: something newer may have been applied while
+  they waited behind an in-flight entry. (A late change for a key that *is* buffered is simply
+  older than the buffered one: ``MERGED_OLDER``.)
+* A key that is in flight (taken, not completed) is never taken again before it completes, so
+  requests per address are never concurrent nor reordered. A newer change offered for it waits
+  as a new entry (taken after completion); an older one or a duplicate joins the in-flight
+  entry's holds (it is superseded whatever the outcome of the flight).
+
+Flush policy (what keeps requests few without letting a change wait longer than the interval):
+
+* Adds travel in import requests of up to ``max_adds`` rows, so an import is sent when a full
+  batch is ready, or when the oldest ready add has waited ``flush_interval_s``; it then carries
+  up to ``max_adds`` ready adds, oldest first, young ones included (they ride on a request that
+  is being sent anyway). A partial import is never sent early.
+* Removals are one request each, so sending one early saves nothing and forfeits coalescing
+  (exit-then-enter is one add, not a removal plus an add). A removal is taken only once it has
+  waited ``flush_interval_s``; up to ``max_removals`` per batch, oldest first.
+* ``force=True`` (shutdown, revocation) takes everything ready, up to both caps, whatever its age.
+
+"Ready" means buffered and not blocked behind an in-flight entry of the same key. ``first_seen``
+is the time the key entered the buffer and survives replacements, so a key whose change keeps
+being replaced still goes out within the interval (no starvation).
+
+Cost: ``offer`` is O(1): a dict lookup and a list append when merging; a new entry also pushes
+one heap item, and so does the first change of kind of an entry (an entry has at most one item
+per heap). Per kind (adds, removals) a heap ordered by ``first_seen`` finds the oldest ready
+entry; items of entries that were taken or changed kind are discarded lazily when they reach the
+top, so ``due``/``next_due`` are O(1) amortised and ``take`` is O(k log n).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from heapq import heappop, heappush
+
+__all__ = [
+    "AppliedMemory",
+    "Batch",
+    "Change",
+    "DestinationBuffer",
+    "Entry",
+    "Offered",
+    "Position",
+]
+
+Position = tuple[int, int]  # (partition, offset)
+
+
+@dataclass(slots=True)
+class Change:
+    """One destination's view of one event. ``key`` and ``payload`` stay out of ``repr``:
+    they carry the address and profile (no personal data in logs)."""
+
+    key: str = field(repr=False)  # normalised address (the coalescing key)
+    entered: bool
+    occurred_at_ms: int
+    seq: int  # arrival order within the process; tie-break: later wins
+    event_id: str
+    payload: object = field(repr=False)  # what the flusher sends (opaque to the buffer)
+    position: Position
+
+
+@dataclass(slots=True)
+class Entry:
+    """The buffered state of one key: its latest change and every position merged into it."""
+
+    change: Change
+    holds: list[Position]  # every position merged into this entry; released when it completes
+    first_seen: float  # `now` when the key entered the buffer (age for the flush policy)
+    # Bookkeeping of DestinationBuffer: bit (1 << entered) set while a heap holds an item for
+    # this entry. Not part of the interface.
+    heaped: int = field(default=0, init=False, repr=False, compare=False)
+
+
+class AppliedMemory:
+    """Bounded LRU: (destination, key) -> (occurred_at_ms, entered) of the last applied change.
+
+    Compact: the map is keyed by Python's 64-bit ``hash((destination, key))`` (no strings are
+    kept) and the value is one int, ``occurred_at_ms * 2 + entered``. The hash of str is salted
+    per process, which is fine because the memory does not survive a restart anyway. Collision
+    caveat: for one destination the tuple hash collides exactly when the SipHash of the two
+    addresses does, probability 2^-64 ≈ 5e-20 per pair, ≈ 5e-14 per lookup against a full
+    memory of 1,000,000 entries. A collision could make a change for one address look late
+    because of another address's newer change, i.e. wrongly drop it.
+
+    Least recently used first out: ``get`` hits and ``remember`` refresh an entry. ``remember``
+    never moves an entry back in event time (an older ``occurred_at_ms`` keeps the newer one).
+    Capacity 0 disables the memory (nothing is late then).
+    """
+
+    __slots__ = ("_capacity", "_map")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self._capacity = capacity
+        self._map: OrderedDict[int, int] = OrderedDict()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def get(self, destination: str, key: str) -> tuple[int, bool] | None:
+        """(occurred_at_ms, entered) last applied for the pair, or None if not remembered."""
+        packed = self._get_packed(hash((destination, key)))
+        return None if packed is None else (packed >> 1, bool(packed & 1))
+
+    def remember(self, destination: str, key: str, occurred_at_ms: int, entered: bool) -> None:
+        """Record an applied change (no-op when disabled; never regresses in event time)."""
+        self._remember_packed(hash((destination, key)), occurred_at_ms * 2 + entered)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def _get_packed(self, hashed: int) -> int | None:
+        packed = self._map.get(hashed)
+        if packed is not None:
+            self._map.move_to_end(hashed)
+        return packed
+
+    def _remember_packed(self, hashed: int, packed: int) -> None:
+        if not self._capacity:
+            return
+        memory = self._map
+        old = memory.get(hashed)
+        if old is None:
+            memory[hashed] = packed
+            if len(memory) > self._capacity:
+                memory.popitem(last=False)
+            return
+        if (old >> 1) <= (packed >> 1):
+            memory[hashed] = packed
+        memory.move_to_end(hashed)
+
+
+class Offered(enum.Enum):
+    """What ``DestinationBuffer.offer`` did with a change (values double as metric labels)."""
+
+    NEW = "new"  # a new entry (possibly waiting behind an in-flight one of the same key)
+    REPLACED = "replaced"  # newer than the buffered change: replaced it
+    MERGED_OLDER = "merged_older"  # older than the buffered (or in-flight) change: absorbed
+    DUPLICATE = "duplicate"  # same event_id as the buffered (or in-flight) change
+    LATE = "late"  # not newer than what was last applied: dropped, release its position now
+
+
+# Enum member lookups cost ~4x a global's; offer() is on the hot path.
+_NEW, _REPLACED, _MERGED_OLDER = Offered.NEW, Offered.REPLACED, Offered.MERGED_OLDER
+_DUPLICATE, _LATE = Offered.DUPLICATE, Offered.LATE
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one ``take`` hands to the flusher.
+
+    ``adds`` and ``removals`` are now in flight and must each be completed (``complete``) or
+    given back (``requeue``). ``late`` entries were dropped at take time because a newer change
+    was applied meanwhile: they are no longer buffered, release their holds (``released()``)
+    and send nothing for them. Either list may be empty (a batch can consist of late drops
+    only; never send an empty import).
+    """
+
+    adds: list[Entry]  # <= max_adds, oldest first
+    removals: list[Entry]  # <= max_removals, oldest first
+    late: list[Entry] = field(default_factory=list)
+
+    def released(self) -> list[Position]:
+        """Positions of the ``late`` entries, to release right away."""
+        return [position for entry in self.late for position in entry.holds]
+
+
+class DestinationBuffer:
+    """Coalescing buffer of one destination; see the module docstring for the semantics.
+
+    ``now`` values passed in must not decrease (a monotonic clock).
+    """
+
+    __slots__ = (
+        "_applied",
+        "_buffered",
+        "_destination",
+        "_flush_interval_s",
+        "_heaps",
+        "_in_flight",
+        "_max_adds",
+        "_max_removals",
+        "_ready",
+        "_remember",
+        "_tick",
+    )
+
+    def __init__(
+        self,
+        destination: str,
+        applied: AppliedMemory,
+        *,
+        flush_interval_s: float,
+        max_adds: int = 1000,
+        max_removals: int = 100,
+    ) -> None:
+        if not flush_interval_s >= 0:
+            raise ValueError("flush_interval_s must be >= 0")
+        if max_adds < 1 or max_removals < 1:
+            raise ValueError("max_adds and max_removals must be >= 1")
+        self._destination = destination
+        self._applied = applied
+        self._remember = applied.capacity > 0
+        self._flush_interval_s = float(flush_interval_s)
+        self._max_adds = max_adds
+        self._max_removals = max_removals
+        # key -> entry, buffered (not in flight). The entry of a key that is also in flight is
+        # "blocked": it is in no heap and not counted as ready until the flight completes.
+        self._buffered: dict[str, Entry] = {}
+        self._in_flight: dict[str, Entry] = {}
+        # Index by `entered`: [0] removals, [1] adds. Items (first_seen, tick, entry); stale
+        # items are discarded when they reach the top (see _top).
+        self._heaps: tuple[list[tuple[float, int, Entry]], list[tuple[float, int, Entry]]] = (
+            [],
+            [],
+        )
+        self._ready = [0, 0]  # ready entries per kind, same indexing
+        self._tick = itertools.count()
+
+    @property
+    def destination(self) -> str:
+        return self._destination
+
+    @property
+    def flush_interval_s(self) -> float:
+        return self._flush_interval_s
+
+    @property
+    def max_adds(self) -> int:
+        return self._max_adds
+
+    @property
+    def max_removals(self) -> int:
+        return self._max_removals
+
+    def offer(self, change: Change, now: float) -> tuple[Offered, list[Position]]:
+        """Buffer a change; returns what happened and the positions to release right away
+        (only for ``LATE``: the change's own position). Every other outcome keeps the position
+        among the holds of an entry, released by ``complete`` (or by a late drop at take).
+
+        Order of the checks: the buffered entry of the key, else its in-flight entry, else
+        ``AppliedMemory``. A change that is compared with a buffered or in-flight entry is not
+        compared with the memory at offer (that entry is newer than the memory, or is checked
+        at take), which also keeps the hot path free of a second lookup.
+        """
+        key = change.key
+        entry = self._buffered.get(key)
+        if entry is not None:
+            entry.holds.append(change.position)
+            current = entry.change
+            # A duplicate (redelivery) carries the same occurred_at: compare times first, so
+            # the common case does not touch the event ids (fewer cache misses).
+            at = change.occurred_at_ms
+            current_at = current.occurred_at_ms
+            if at <= current_at:
+                if at < current_at:
+                    return _MERGED_OLDER, []
+                if change.event_id == current.event_id:
+                    return _DUPLICATE, []
+                if change.seq <= current.seq:
+                    return _MERGED_OLDER, []
+            entry.change = change
+            if change.entered != current.entered and key not in self._in_flight:
+                # A ready entry changes kind. Its item in the old kind's heap goes stale (it is
+                # discarded lazily, or becomes valid again if the entry flips back); it needs
+                # an item in the new kind's heap, with its original first_seen, unless one
+                # from an earlier flip is still there: a key that keeps toggling allocates
+                # nothing after its first flip.
+                ready = self._ready
+                ready[current.entered] -= 1
+                ready[change.entered] += 1
+                if not entry.heaped & (1 << change.entered):
+                    self._push(entry)
+            return _REPLACED, []
+        flying = self._in_flight.get(key)
+        if flying is not None:
+            current = flying.change
+            at = change.occurred_at_ms
+            current_at = current.occurred_at_ms
+            if at <= current_at:
+                if at == current_at and change.event_id == current.event_id:
+                    flying.holds.append(change.position)
+                    return _DUPLICATE, []
+                if at < current_at or change.seq <= current.seq:
+                    flying.holds.append(change.position)
+                    return _MERGED_OLDER, []
+            # Newer than the flight: waits as a new entry, checked against the memory at take.
+            self._buffered[key] = Entry(change, [change.position], now)
+            return _NEW, []
+        if self._remember:
+            packed = self._applied._get_packed(hash((self._destination, key)))
+            if packed is not None:
+                applied_at = packed >> 1
+                at = change.occurred_at_ms
+                if at < applied_at or (at == applied_at and change.entered == (packed & 1)):
+                    return _LATE, [change.position]
+        entry = Entry(change, [change.position], now)
+        self._buffered[key] = entry
+        self._make_ready(entry)
+        return _NEW, []
+
+    def pending(self) -> int:
+        """Entries buffered, not in flight (including those waiting behind an in-flight key)."""
+        return len(self._buffered)
+
+    def in_flight(self) -> int:
+        """Entries taken and not completed yet."""
+        return len(self._in_flight)
+
+    def ready_counts(self) -> tuple[int, int]:
+        """(adds, removals) buffered and ready to be taken (not blocked by an in-flight key)."""
+        return self._ready[1], self._ready[0]
+
+    def due(self, now: float) -> bool:
+        """True when ``take(now)`` would take something: a full import of ready adds, or an
+        add or a removal that has waited ``flush_interval_s``."""
+        return self._adds_due(now) or self._aged(self._top(False), now)
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until ``due`` (0.0 if due now); None when nothing is ready (empty, or every
+        buffered key is in flight: ask again after ``complete``)."""
+        if self._ready[1] >= self._max_adds:
+            return 0.0
+        deadline = math.inf
+        for kind in (True, False):
+            entry = self._top(kind)
+            if entry is not None:
+                deadline = min(deadline, entry.first_seen + self._flush_interval_s)
+        if deadline == math.inf:
+            return None
+        return max(0.0, deadline - now)
+
+    def take(self, now: float, *, force: bool = False) -> Batch | None:
+        """If due (or ``force``): move up to ``max_adds`` adds and ``max_removals`` removals into
+        flight (see the flush policy), dropping entries that became late. None if nothing was
+        taken. Keys in flight are never taken (their newer entries wait)."""
+        adds_due = force or self._adds_due(now)
+        removals_due = force or self._aged(self._top(False), now)
+        if not (adds_due or removals_due):
+            return None
+        adds: list[Entry] = []
+        removals: list[Entry] = []
+        late: list[Entry] = []
+        if adds_due:
+            self._take_kind(True, self._max_adds, math.inf, adds, late)
+        if removals_due:
+            self._take_kind(False, self._max_removals, math.inf if force else now, removals, late)
+        if not (adds or removals or late):
+            return None
+        return Batch(adds, removals, late)
+
+    def complete(self, entries: Iterable[Entry], *, applied: bool) -> list[Position]:
+        """In-flight entries are done; returns every position they hold, to release.
+
+        ``applied=True`` records them in ``AppliedMemory``. Entries that are not in flight
+        (completed already, requeued, late drops) are ignored, so a position is never released
+        twice. A newer entry waiting behind a completed key becomes ready.
+        """
+        released: list[Position] = []
+        in_flight = self._in_flight
+        for entry in entries:
+            change = entry.change
+            key = change.key
+            if in_flight.get(key) is not entry:
+                continue
+            del in_flight[key]
+            if applied:
+                self._applied._remember_packed(
+                    hash((self._destination, key)), change.occurred_at_ms * 2 + change.entered
+                )
+            released.extend(entry.holds)
+            waiting = self._buffered.get(key)
+            if waiting is not None:
+                self._make_ready(waiting)
+        return released
+
+    def requeue(self, entries: Iterable[Entry]) -> None:
+        """Give in-flight entries back unapplied (e.g. the destination is stalled); they become
+        ready again with their original ``first_seen``. If a newer change for the key arrived
+        meanwhile, it absorbs the requeued entry's holds. Entries not in flight are ignored."""
+        in_flight = self._in_flight
+        for entry in entries:
+            key = entry.change.key
+            if in_flight.get(key) is not entry:
+                continue
+            del in_flight[key]
+            waiting = self._buffered.get(key)
+            if waiting is None:
+                self._buffered[key] = entry
+                self._make_ready(entry)
+            else:  # newer by construction (it was not merged into the in-flight entry)
+                waiting.holds.extend(entry.holds)
+                waiting.first_seen = min(waiting.first_seen, entry.first_seen)
+                self._make_ready(waiting)
+
+    def drained(self) -> bool:
+        """Nothing buffered, nothing in flight."""
+        return not self._buffered and not self._in_flight
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _make_ready(self, entry: Entry) -> None:
+        """Count a (newly) ready entry and make sure its kind's heap has an item for it."""
+        kind = entry.change.entered
+        self._ready[kind] += 1
+        if not entry.heaped & (1 << kind):
+            self._push(entry)
+
+    def _push(self, entry: Entry) -> None:
+        kind = entry.change.entered
+        entry.heaped |= 1 << kind
+        heappush(self._heaps[kind], (entry.first_seen, next(self._tick), entry))
+
+    def _top(self, kind: bool) -> Entry | None:
+        """Oldest ready entry of a kind; discards stale heap items on the way.
+
+        An item is valid while its entry is buffered (ready: blocked entries have no items)
+        and of the heap's kind. Every ready entry has a valid item in its kind's heap.
+        """
+        heap = self._heaps[kind]
+        buffered = self._buffered
+        while heap:
+            entry = heap[0][2]
+            if entry.change.entered == kind and buffered.get(entry.change.key) is entry:
+                return entry
+            heappop(heap)
+            entry.heaped &= ~(1 << kind)
+        return None
+
+    def _aged(self, entry: Entry | None, now: float) -> bool:
+        return entry is not None and entry.first_seen + self._flush_interval_s <= now
+
+    def _adds_due(self, now: float) -> bool:
+        return self._ready[1] >= self._max_adds or self._aged(self._top(True), now)
+
+    def _take_kind(
+        self, kind: bool, limit: int, until: float, out: list[Entry], late: list[Entry]
+    ) -> None:
+        """Move up to ``limit`` ready entries of ``kind``, oldest first, whose deadline
+        (``first_seen + flush_interval_s``) is <= ``until``, into flight; late ones to ``late``."""
+        heap = self._heaps[kind]
+        buffered = self._buffered
+        in_flight = self._in_flight
+        applied = self._applied
+        interval = self._flush_interval_s
+        while len(out) < limit:
+            entry = self._top(kind)
+            if entry is None or entry.first_seen + interval > until:
+                return
+            heappop(heap)
+            entry.heaped &= ~(1 << kind)
+            change = entry.change
+            key = change.key
+            del buffered[key]
+            self._ready[kind] -= 1
+            if self._remember:
+                packed = applied._get_packed(hash((self._destination, key)))
+                if packed is not None:
+                    applied_at = packed >> 1
+                    at = change.occurred_at_ms
+                    if at < applied_at or (at == applied_at and change.entered == (packed & 1)):
+                        late.append(entry)
+                        continue
+            in_flight[key] = entry
+            out.append(entry)
