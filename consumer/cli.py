@@ -12,10 +12,19 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("consumer.app", "the service: consume, coalesce, flush to Campaign Monitor, serve metrics"),
-    "demo": ("consumer.demo", "the embedded default: broker + simulator + synthetic stream, verified"),
+    "run": (
+        "consumer.app",
+        "the service: consume, coalesce, flush to Campaign Monitor, serve metrics",
+    ),
+    "demo": (
+        "consumer.demo",
+        "the embedded default: broker + simulator + synthetic stream, verified",
+    ),
     "simulator": ("consumer.campaign_monitor.simulator", "the Campaign Monitor simulator (HTTP)"),
-    "check-config": ("consumer.settings", "validate the configuration and print it, secrets masked"),
+    "check-config": (
+        "consumer.settings",
+        "validate the configuration and print it, secrets masked",
+    ),
 }
 
 USAGE = "usage: cmsync [-h] [--version] COMMAND [options]"
