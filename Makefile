@@ -24,7 +24,7 @@ lint: venv
 	$(BIN)/mypy --strict consumer
 
 unit: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4
 
 test: lint unit
 

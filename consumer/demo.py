@@ -1,0 +1,443 @@
+"""`cmsync demo`: the embedded default, end to end, verified.
+
+1. start the bundled broker (unless CMSYNC_KAFKA_BOOTSTRAP_SERVERS is set) and the Campaign
+   Monitor simulator (unless CMSYNC_CM_BASE_URL is set; then CMSYNC_DEMO_LISTS must name the
+   list IDs to use, and the demo needs the simulator's /_sim/ admin API for its counters);
+2. create the topics and produce the first part of a synthetic stream;
+3. run the real service on it, in this process, with a live progress line, until every
+   produced record is committed and every buffer is empty;
+4. as some people would, unsubscribe a few of them in Campaign Monitor itself;
+5. produce the rest of the stream (re-entries of those people among it) and sync again;
+6. read every list back through the API and compare it with the state computed independently
+   from the generated events; print a summary; exit 0 only if every list matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+
+from consumer import observability as obs
+from consumer.app import Service
+from consumer.campaign_monitor.client import ApiKey, CampaignMonitorClient
+from consumer.embedded_broker import create_topics, running_broker
+from consumer.settings import ConfigError, Settings, load_settings
+from consumer.synthetic import (
+    Expected,
+    Produced,
+    SegmentSpec,
+    StreamGenerator,
+    expected_state,
+    fewest_requests,
+)
+
+DEMO_KEY = "demo-api-key-not-a-secret"
+PARTITIONS = 6
+
+
+@dataclass(frozen=True)
+class DemoDestination:
+    name: str
+    segment_id: str
+    removal: str
+    resubscribe: str
+    unsubscribe_setting: Literal["AllClientLists", "OnlyThisList"]
+
+
+DESTINATIONS = (
+    DemoDestination("vip-newsletter", "vip-customers", "delete", "deleted-only", "OnlyThisList"),
+    DemoDestination("vip-offers", "vip-customers", "unsubscribe", "always", "OnlyThisList"),
+    DemoDestination("winback", "lapsed-buyers", "delete", "deleted-only", "OnlyThisList"),
+    DemoDestination("weekly-digest", "newsletter-all", "delete", "never", "OnlyThisList"),
+)
+SEGMENTS = (
+    SegmentSpec("vip-customers", share=0.35, max_changes=5),
+    SegmentSpec("lapsed-buyers", share=0.3, max_changes=4),
+    SegmentSpec("newsletter-all", share=0.7, max_changes=3, exits=False),
+    SegmentSpec("beta-testers", share=0.1, max_changes=3),  # no destination: skipped
+)
+
+
+def destinations_toml(list_ids: dict[str, str]) -> str:
+    parts = []
+    for d in DESTINATIONS:
+        parts.append(
+            f"""[[destination]]
+name = "{d.name}"
+segment_id = "{d.segment_id}"
+list_id = "{list_ids[d.name]}"
+email_field = "email"
+name_field = "full_name"
+removal = "{d.removal}"
+resubscribe = "{d.resubscribe}"
+consent_to_track = "Unchanged"
+
+[destination.custom_fields]
+City = "city"
+Tier = "tier"
+Interests = "interests"
+"""
+        )
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class DemoRun:
+    events: int
+    seed: int
+    rate_limit_rps: float
+    records: list[Produced] = field(default_factory=list)
+    split: int = 0
+    self_unsubscribed: dict[str, set[str]] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+def _print(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+async def _produce(
+    bootstrap: str, topic: str, records: Sequence[Produced], kafka: dict[str, Any]
+) -> dict[int, int]:
+    """Produce and return, per partition, the offset after the last record written.
+
+    The end offsets come from the broker's acknowledgements, not from a ListOffsets request:
+    the bundled broker answers those with wrong values.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all", **kafka)
+    await producer.start()
+    ends: dict[int, int] = {}
+    try:
+        futures = [await producer.send(topic, key=r.key, value=r.value) for r in records]
+        await producer.flush()
+        for fut in futures:
+            meta = await fut
+            ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    finally:
+        await producer.stop()
+    return ends
+
+
+async def _wait_synced(service: Service, ends: dict[int, int], produced: int, label: str) -> None:
+    """Until every partition's committed offset reaches its end and nothing is pending."""
+    tty = sys.stdout.isatty()
+    last_print = 0.0
+    while True:
+        committed = {p: service.source.committed(p) or 0 for p in ends}
+        done = sum(min(committed[p], ends[p]) for p in ends)
+        total = sum(ends.values())
+        pending = service.tracker.outstanding()
+        now = time.monotonic()
+        if done >= total and pending == 0:
+            if tty:
+                print(file=sys.stdout)
+            return
+        if now - last_print >= (0.5 if tty else 5.0):
+            last_print = now
+            applied = _counter_total(obs.applied_changes)
+            line = (
+                f"[{label}] committed {done:>7}/{total} records · pending {pending:>6} · "
+                f"applied {int(applied):>6} · requests {int(_counter_total(obs.api_requests)):>6}"
+            )
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+        await asyncio.sleep(0.2)
+
+
+def _counter_total(metric: Any) -> float:
+    total = 0.0
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                total += sample.value
+    return total
+
+
+def _requests_by_endpoint() -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for family in obs.api_requests.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                counts[sample.labels["endpoint"]] += int(sample.value)
+    return counts
+
+
+async def _read_list(client: CampaignMonitorClient, list_id: str) -> dict[str, dict[str, Any]]:
+    members: dict[str, dict[str, Any]] = {}
+    for state in ("active", "unsubscribed", "deleted", "bounced"):
+        async for member in client.members(list_id, state):
+            members[str(member["EmailAddress"]).strip().lower()] = member
+    return members
+
+
+def _field_values(member: dict[str, Any], key: str) -> list[str]:
+    return sorted(str(f["Value"]) for f in member.get("CustomFields", []) if f.get("Key") == key)
+
+
+def compare(expected: Expected, members: dict[str, dict[str, Any]]) -> list[str]:
+    """Differences between a list read back and its expected state (no addresses printed)."""
+    problems: Counter[str] = Counter()
+    active = {a for a, m in members.items() if m.get("State") == "Active"}
+    problems["missing or inactive"] = len(set(expected.active) - active)
+    problems["active but should not be"] = len(active & expected.inactive)
+    problems["active but never in the segment"] = len(
+        active - set(expected.active) - expected.inactive
+    )
+    for address in set(expected.active) & active:
+        profile, member = expected.active[address], members[address]
+        if member.get("Name") != profile.get("full_name"):
+            problems["wrong name"] += 1
+        city = profile.get("city")
+        if _field_values(member, "City") != ([] if city is None else [str(city)]):
+            problems["wrong City"] += 1
+        if _field_values(member, "Tier") != [str(profile.get("tier"))]:
+            problems["wrong Tier"] += 1
+        interests = profile.get("interests")
+        assert isinstance(interests, list)
+        if _field_values(member, "Interests") != sorted(interests):
+            problems["wrong Interests"] += 1
+    return [f"{n} {what}" for what, n in problems.items() if n]
+
+
+@contextlib.asynccontextmanager
+async def _simulator(rate_rps: float) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    from consumer.campaign_monitor.simulator import Simulator, SimulatorConfig, serve
+
+    sim = Simulator(SimulatorConfig(api_keys=(DEMO_KEY,), rate_limit_rps=rate_rps, seed=1))
+    list_ids = {
+        d.name: sim.add_list(
+            title=d.name, unsubscribe_setting=d.unsubscribe_setting, api_key=DEMO_KEY
+        )
+        for d in DESTINATIONS
+    }
+    async with serve(sim) as base_url:
+        yield base_url, list_ids
+
+
+async def _self_unsubscribe(
+    client: CampaignMonitorClient,
+    session: aiohttp.ClientSession,
+    base_url: str,
+    run: DemoRun,
+    list_ids: dict[str, str],
+    rng: random.Random,
+) -> int:
+    """Some people unsubscribe themselves: 2 % of each list's active members.
+
+    Done through the simulator's admin API (as the person's click on "unsubscribe" would be),
+    so that it neither uses the service's API key nor its rate.
+    """
+    admin = base_url.removesuffix("/").rsplit("/api/", 1)[0] + "/_sim/lists"
+    total = 0
+    for d in DESTINATIONS:
+        list_id = list_ids[d.name]
+        active = [str(m["EmailAddress"]).lower() async for m in client.members(list_id, "active")]
+        chosen = rng.sample(sorted(active), k=len(active) // 50)
+        for address in chosen:
+            body = {"email": address, "state": "Unsubscribed"}
+            async with session.post(f"{admin}/{list_id}/state", json=body) as response:
+                response.raise_for_status()
+        run.self_unsubscribed[d.name] = set(chosen)
+        total += len(chosen)
+    return total
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    run = DemoRun(events=args.events, seed=args.seed, rate_limit_rps=args.rate_limit_rps)
+    async with contextlib.AsyncExitStack() as stack:
+        bootstrap = env.get("CMSYNC_KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            broker = await stack.enter_async_context(running_broker())
+            bootstrap = broker.bootstrap
+            _print(f"broker      bundled Tansu at {bootstrap}")
+        else:
+            _print(f"broker      {bootstrap}")
+        given_url = env.get("CMSYNC_CM_BASE_URL")
+        if not given_url:
+            base_url, list_ids = await stack.enter_async_context(
+                _simulator(rate_rps=run.rate_limit_rps * 1.5)
+            )
+            api_key = DEMO_KEY
+            _print(f"simulator   {base_url} (permits {run.rate_limit_rps * 1.5:g} requests/s)")
+        else:
+            names = env.get("CMSYNC_DEMO_LISTS", "").split(",")
+            if len(names) != len(DESTINATIONS) or "CMSYNC_CM_API_KEY" not in env:
+                _print(
+                    "with CMSYNC_CM_BASE_URL set, CMSYNC_DEMO_LISTS must give "
+                    f"{len(DESTINATIONS)} comma-separated empty ListIDs, "
+                    "and CMSYNC_CM_API_KEY the key"
+                )
+                return 2
+            list_ids = {d.name: lid.strip() for d, lid in zip(DESTINATIONS, names, strict=True)}
+            api_key = env["CMSYNC_CM_API_KEY"]
+            base_url = given_url
+
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cmsync-demo-")))
+        dest_file = workdir / "destinations.toml"
+        dest_file.write_text(destinations_toml(list_ids))
+        topic = env.get("CMSYNC_KAFKA_TOPIC", "segment-membership")
+        env.update(
+            {
+                "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                "CMSYNC_CM_BASE_URL": base_url,
+                "CMSYNC_CM_API_KEY": api_key,
+                "CMSYNC_DESTINATIONS_FILE": str(dest_file),
+                "CMSYNC_KAFKA_GROUP_ID": env.get(
+                    "CMSYNC_KAFKA_GROUP_ID", f"cmsync-demo-{os.getpid()}"
+                ),
+                "CMSYNC_RATE_LIMIT_RPS": str(run.rate_limit_rps),
+                "CMSYNC_FLUSH_INTERVAL_S": env.get("CMSYNC_FLUSH_INTERVAL_S", "1"),
+                "CMSYNC_CONSENT_REFRESH_S": "2",
+                "CMSYNC_HTTP_PORT": env.get("CMSYNC_HTTP_PORT", "0"),
+                "CMSYNC_LOG_LEVEL": env.get("CMSYNC_LOG_LEVEL", "warning"),
+            }
+        )
+        try:
+            settings = load_settings(env)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                _print(f"configuration error: {problem}")
+            return 2
+        obs.configure_logging(settings.log_level, settings.log_format)  # type: ignore[arg-type]
+        kafka = {
+            k: v for k, v in settings.kafka.client_kwargs().items() if k != "bootstrap_servers"
+        }
+        await create_topics(bootstrap, {topic: PARTITIONS, settings.kafka.dlq_topic: 1}, **kafka)
+
+        profiles = max(100, args.events // 4)
+        gen = StreamGenerator(seed=run.seed, profiles=profiles, segments=SEGMENTS)
+        run.records = gen.generate()
+        run.split = int(len(run.records) * 0.7)
+        _print(
+            f"stream      {len(run.records)} records from {profiles} profiles "
+            f"({sum(1 for r in run.records if r.invalid)} invalid), "
+            f"{len(DESTINATIONS)} lists, topic {topic!r} × {PARTITIONS} partitions"
+        )
+
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        client = CampaignMonitorClient(base_url, ApiKey(api_key), session=session)
+        service = Service(settings)
+        service_task = asyncio.create_task(service.run(), name="service")
+        try:
+            t0 = time.monotonic()
+            ends = await _produce(bootstrap, topic, run.records[: run.split], kafka)
+            await _race(service_task, _wait_synced(service, ends, run.split, "part 1"))
+            n_unsub = await _self_unsubscribe(
+                client, session, base_url, run, list_ids, random.Random(run.seed)
+            )
+            _print(f"people      {n_unsub} unsubscribed themselves in Campaign Monitor")
+            await asyncio.sleep(settings.consent_refresh_s + 0.5)
+            more = await _produce(bootstrap, topic, run.records[run.split :], kafka)
+            ends = {p: max(ends.get(p, 0), more.get(p, 0)) for p in ends.keys() | more.keys()}
+            await _race(service_task, _wait_synced(service, ends, len(run.records), "part 2"))
+            duration = time.monotonic() - t0
+        finally:
+            service.stop()
+            await asyncio.wait_for(service_task, settings.shutdown_budget_s + 5)
+        return await _verify_and_report(run, client, list_ids, settings, duration)
+
+
+async def _race(service_task: asyncio.Task[None], waiting: Any) -> None:
+    """Wait for `waiting`, but fail at once if the service ends first."""
+    waiter = asyncio.ensure_future(waiting)
+    done, _ = await asyncio.wait({service_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if service_task in done:
+        waiter.cancel()
+        service_task.result()  # re-raise its error
+        raise RuntimeError("the service stopped before the stream was synced")
+    waiter.result()
+
+
+async def _verify_and_report(
+    run: DemoRun,
+    client: CampaignMonitorClient,
+    list_ids: dict[str, str],
+    settings: Settings,
+    duration: float,
+) -> int:
+    requests = _requests_by_endpoint()  # before reading the lists back
+    ok = True
+    rows = []
+    floor_imports = floor_removals = 0
+    for d in DESTINATIONS:
+        expected = expected_state(
+            run.records,
+            d.segment_id,
+            self_unsubscribed=run.self_unsubscribed.get(d.name, set()),
+            unsubscribed_at=run.split,
+            resubscribe=d.resubscribe,
+        )
+        members = await _read_list(client, list_ids[d.name])
+        problems = compare(expected, members)
+        imports, removals = fewest_requests(run.records, d.segment_id)
+        floor_imports += imports
+        floor_removals += removals
+        ok &= not problems
+        status = "matches" if not problems else "MISMATCH: " + "; ".join(problems)
+        counts = f"{len(expected.active):>6} active {len(expected.inactive):>6} inactive"
+        rows.append(f"  {d.name:<15} {counts}  {status}")
+    valid = [r for r in run.records if not r.invalid]
+    unique = {(r.segment_id, r.email, r.occurred_at_ms, r.entered) for r in valid}
+    invalid = Counter(r.invalid for r in run.records if r.invalid)
+    dead = int(_counter_total(obs.dead_letters))
+    _print("")
+    _print("lists")
+    for row in rows:
+        _print(row)
+    _print("summary")
+    n_invalid = sum(invalid.values())
+    _print(f"  events produced     {len(run.records)} ({len(valid)} valid, {n_invalid} invalid)")
+    _print(f"  unique changes      {len(unique)} (the rest are duplicates)")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(invalid.items()))
+    _print(f"  dead-lettered       {dead} ({reasons})")
+    _print(
+        f"  requests            import {requests['import']} (fewest possible {floor_imports}), "
+        f"removals {requests['delete'] + requests['unsubscribe']} "
+        f"(fewest possible {floor_removals}), "
+        f"member listings {requests['members']}"
+    )
+    _print(f"  duration            {duration:.1f} s, {len(run.records) / duration:,.0f} events/s")
+    _print(f"  result              {'every list matches' if ok else 'LISTS DO NOT MATCH'}")
+    return 0 if ok else 1
+
+
+def cli_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cmsync demo",
+        description="Start a bundled Kafka-compatible broker and the Campaign Monitor simulator "
+        "(unless CMSYNC_KAFKA_BOOTSTRAP_SERVERS / CMSYNC_CM_BASE_URL name real ones), produce a "
+        "synthetic stream of membership changes, sync it with the real service, and verify every "
+        "list against the state computed from the events. Exits 0 only if every list matches.",
+    )
+    parser.add_argument(
+        "--events", type=int, default=100_000, help="approximate stream size (default 100000)"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="random seed of the stream (default 7)")
+    parser.add_argument(
+        "--rate-limit-rps",
+        type=float,
+        default=200.0,
+        help="the service's request ceiling; the simulator permits 1.5x this (default 200)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run_demo(args))
+    except KeyboardInterrupt:
+        return 1

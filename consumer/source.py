@@ -1,0 +1,191 @@
+"""The Kafka side: one aiokafka consumer, its rebalance listener, pause/resume and commits.
+
+Auto-commit is off: the only offsets ever committed are the ones the offset tracker calls
+durable (see `consumer.offsets`). aiokafka does not commit on `stop()` and does not call the
+revocation callback then either, so shutdown commits explicitly before stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, Protocol
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from consumer import observability as obs
+from consumer.settings import KafkaSettings
+
+log = structlog.get_logger("cmsync.source")
+
+#: Largest number of records handed to the pipeline per fetch.
+MAX_RECORDS_PER_FETCH: Final = 5000
+#: How long one fetch waits for data; bounds how quickly the loop notices a stop request.
+FETCH_TIMEOUT_MS: Final = 200
+#: Resume fetching once pending changes fall to this fraction of CMSYNC_MAX_PENDING.
+LOW_WATER: Final = 0.5
+
+
+class RecordHandler(Protocol):
+    def __call__(self, partition: int, records: Sequence[ConsumerRecord[Any, Any]]) -> None: ...
+
+
+class Source:
+    """Fetches records, pauses under backpressure, commits what the tracker says is durable."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        handle: RecordHandler,
+        committable: Callable[[int], int | None],
+        outstanding: Callable[[], int],
+        max_pending: int,
+        on_revoked: Callable[[set[int]], Awaitable[None]],
+        on_assigned: Callable[[set[int]], Awaitable[None]],
+    ) -> None:
+        self.topic = settings.topic
+        self._handle = handle
+        self._committable = committable
+        self._outstanding = outstanding
+        self._high_water = max_pending
+        self._low_water = int(max_pending * LOW_WATER)
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+        self._committed: dict[int, int] = {}
+        self._paused = False
+        self.joined = False
+        self.consumer = AIOKafkaConsumer(
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=MAX_RECORDS_PER_FETCH,
+            rebalance_timeout_ms=60_000,
+            **settings.client_kwargs(),
+        )
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    # ---------------------------------------------------------------- fetching
+
+    async def fetch_loop(self, stopping: asyncio.Event) -> None:
+        """Fetch until `stopping` is set. Never blocks on a slow destination: when too much is
+        pending it pauses the partitions and keeps polling (heartbeats and rebalances go on)."""
+        while not stopping.is_set():
+            batches = await self.consumer.getmany(
+                timeout_ms=FETCH_TIMEOUT_MS, max_records=MAX_RECORDS_PER_FETCH
+            )
+            for tp, records in batches.items():
+                if records:
+                    self._handle(tp.partition, records)
+                    obs.events_consumed.labels(topic=tp.topic, partition=str(tp.partition)).inc(
+                        len(records)
+                    )
+            self._apply_backpressure()
+
+    def _apply_backpressure(self) -> None:
+        pending = self._outstanding()
+        assigned = self.consumer.assignment()
+        if not self._paused and pending >= self._high_water and assigned:
+            self.consumer.pause(*assigned)
+            self._paused = True
+            obs.paused_partitions.set(len(assigned))
+            log.info("intake_paused", pending=pending, limit=self._high_water)
+        elif self._paused and pending <= self._low_water:
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+            obs.paused_partitions.set(0)
+            log.info("intake_resumed", pending=pending)
+
+    # ---------------------------------------------------------------- committing
+
+    async def commit(self, partitions: Iterable[int] | None = None) -> None:
+        """Commit the durable offset of each (given or assigned) partition that moved on."""
+        if partitions is None:
+            partitions = [tp.partition for tp in self.consumer.assignment()]
+        offsets: dict[TopicPartition, int] = {}
+        for partition in partitions:
+            offset = self._committable(partition)
+            if offset is not None and offset > self._committed.get(partition, -1):
+                offsets[TopicPartition(self.topic, partition)] = offset
+        if not offsets:
+            return
+        await self.consumer.commit(offsets)
+        for tp, offset in offsets.items():
+            self._committed[tp.partition] = offset
+            obs.committed_offset.labels(topic=self.topic, partition=str(tp.partition)).set(offset)
+
+    async def commit_loop(self, interval_s: float = 1.0) -> None:
+        """Commit periodically; a failed commit is retried at the next tick (nothing is lost by
+        committing late, only re-read)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.commit()
+            except KafkaError as exc:
+                log.warning("commit_failed", error=type(exc).__name__)
+            self._export_lag()
+
+    def _export_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            done = self._committable(tp.partition)
+            if done is None:
+                done = self._committed.get(tp.partition, high)
+            obs.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                max(0, high - done)
+            )
+
+    def committed(self, partition: int) -> int | None:
+        return self._committed.get(partition)
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        partitions = {tp.partition for tp in revoked if tp.topic == self.topic}
+        if partitions:
+            await self._on_revoked(partitions)
+            try:
+                await self.commit(partitions)
+            except (
+                KafkaError
+            ) as exc:  # the group moved on: the new owner re-reads from the last commit
+                log.warning("revocation_commit_failed", error=type(exc).__name__)
+            for partition in partitions:
+                self._committed.pop(partition, None)
+                obs.forget_partition(self.topic, partition)
+        if self._paused:
+            obs.paused_partitions.set(0)
+            self._paused = False
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        self.joined = True
+        partitions = {tp.partition for tp in assigned if tp.topic == self.topic}
+        for partition in partitions:
+            # Start from what the group committed: everything before it is durable already.
+            with contextlib.suppress(KafkaError):
+                committed = await self.consumer.committed(TopicPartition(self.topic, partition))
+                if committed is not None:
+                    self._committed[partition] = committed
+        await self._on_assigned(partitions)
+        log.info("partitions_assigned", partitions=sorted(partitions))
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, source: Source) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._source._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._source._assigned(assigned)

