@@ -340,8 +340,9 @@ def _version() -> str:
     return __version__
 
 
-async def run_until_signalled(service: Service) -> None:
+async def run_until_signalled(settings: Settings) -> None:
     """Run the service; the first SIGTERM/SIGINT stops it gracefully, a second one forces."""
+    service = Service(settings)  # inside the loop: the Kafka clients bind to it
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     signals_seen = 0
@@ -386,7 +387,7 @@ def cli_main(argv: list[str]) -> int:
         return 2
     obs.configure_logging(settings.log_level, settings.log_format)  # type: ignore[arg-type]
     try:
-        asyncio.run(run_until_signalled(Service(settings)))
+        asyncio.run(run_until_signalled(settings))
     except asyncio.CancelledError:
         return 1
     except Exception as exc:

@@ -389,6 +389,14 @@ def configure_logging(level: str, fmt: Literal["json", "console", "auto"]) -> No
     handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(numeric)
+    # The Kafka and HTTP libraries log whole records and URLs (addresses, names) at debug
+    # level: they never go below info, whatever CMSYNC_LOG_LEVEL says.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(numeric, logging.INFO))
+
+
+#: Libraries whose debug logs carry message content (aiokafka logs every record it sends).
+QUIET_LIBRARIES: Final = ("aiokafka", "kafka", "aiohttp", "asyncio")
 
 
 # --------------------------------------------------------------------------- health server

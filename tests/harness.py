@@ -131,9 +131,13 @@ class SyncHarness:
         await self._stack.aclose()
 
     def settings(self) -> Settings:
+        return load_settings(self.env())
+
+    def env(self) -> dict[str, str]:
+        """The CMSYNC_* environment of a service for this harness (also for subprocesses)."""
         dest_file = self.tmp / f"destinations-{self.topic}.toml"
         dest_file.write_text("\n".join(d.toml(self.list_ids[d.name]) for d in self.destinations))
-        env = {
+        return {
             "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "CMSYNC_KAFKA_TOPIC": self.topic,
             "CMSYNC_DLQ_TOPIC": self.dlq_topic,
@@ -148,7 +152,7 @@ class SyncHarness:
             "CMSYNC_SHUTDOWN_BUDGET_S": "10",
             **self.extra_env,
         }
-        return load_settings(env)
+        return env
 
     async def start(self) -> Service:
         assert self.task is None
