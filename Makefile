@@ -19,8 +19,8 @@ demo: venv
 	$(BIN)/cmsync demo
 
 lint: venv
-	$(BIN)/ruff check consumer tests bench
-	$(BIN)/ruff format --check consumer tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict consumer
 
 unit: venv

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -56,6 +57,8 @@ BACKOFF_CAP_S: Final = 30.0
 STALL_RETRY_S: Final = 60.0
 #: Removal calls of one batch that may be in flight at once (the limiter still paces them).
 REMOVAL_CONCURRENCY: Final = 8
+#: Page size of the member listings read for the consent policy (the API's maximum).
+LISTING_PAGE_SIZE: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +331,14 @@ class DestinationFlusher:
         async def read_all() -> frozenset[str]:
             found: set[str] = set()
             for state in ("unsubscribed", "bounced"):
-                async for member in client.members(list_id, state):
+                members = aiter(client.members(list_id, state, page_size=LISTING_PAGE_SIZE))
+                for n in itertools.count():
+                    if n % LISTING_PAGE_SIZE == 0:  # the next member may need a page request
+                        await self.channel.limiter.acquire(self.clock)
+                    try:
+                        member = await anext(members)
+                    except StopAsyncIteration:
+                        break
                     found.add(str(member["EmailAddress"]).strip().lower())
             return frozenset(found)
 

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
+from consumer.embedded_broker import EmbeddedBroker
+
 # Shared, small machines: a per-example deadline only makes property tests flaky.
 settings.register_profile("cmsync", deadline=None)
 settings.load_profile("cmsync")
-
-from consumer.embedded_broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

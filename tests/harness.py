@@ -152,7 +152,6 @@ class SyncHarness:
             "CMSYNC_SHUTDOWN_BUDGET_S": "10",
             **self.extra_env,
         }
-        return env
 
     async def start(self) -> Service:
         assert self.task is None
