@@ -32,7 +32,7 @@ bench: venv
 	$(BIN)/python -m bench
 
 chaos: venv
-	CMSYNC_CHAOS=1 $(BIN)/pytest -q tests/faults
+	CMSYNC_CHAOS=1 $(BIN)/pytest -q -n 3 tests/faults
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -82,16 +82,60 @@ class Change:
     position: Position
 
 
-@dataclass(slots=True)
 class Entry:
-    """The buffered state of one key: its latest change and every position merged into it."""
+    """The buffered state of one key: its latest change and every position merged into it.
 
-    change: Change
-    holds: list[Position]  # every position merged into this entry; released when it completes
-    first_seen: float  # `now` when the key entered the buffer (age for the flush policy)
-    # Bookkeeping of DestinationBuffer: bit (1 << entered) set while a heap holds an item for
-    # this entry. Not part of the interface.
-    heaped: int = field(default=0, init=False, repr=False, compare=False)
+    ``change``: the latest change; ``holds``: every position merged into this entry, released
+    when it completes (read it, do not modify it); ``first_seen``: ``now`` when the key entered
+    the buffer (age for the flush policy).
+
+    Kept small for the cyclic garbage collector, which traverses every container a buffer keeps
+    alive again and again as the heap turns over (at intake speed that was half of the time
+    spent per event, see ``bench/intake.py``): the one position of an entry that has one (the
+    common case) is kept as that tuple, which the collector stops tracking, and a list is made
+    only when a second position merges in; the heaps refer to entries by key, not by reference.
+    """
+
+    __slots__ = ("_holds", "_tick0", "_tick1", "change", "first_seen")
+
+    def __init__(self, change: Change, holds: list[Position] | Position, first_seen: float) -> None:
+        self.change = change
+        self._holds: list[Position] | Position = (
+            holds if isinstance(holds, tuple) else holds[0] if len(holds) == 1 else list(holds)
+        )
+        self.first_seen = first_seen
+        # Bookkeeping of DestinationBuffer, per kind ([0] removals, [1] adds): the tick of this
+        # entry's item in that kind's heap, 0 when it has none. Not part of the interface.
+        self._tick0 = 0
+        self._tick1 = 0
+
+    @property
+    def holds(self) -> list[Position]:
+        holds = self._holds
+        return [holds] if isinstance(holds, tuple) else holds
+
+    def _hold(self, position: Position) -> None:
+        holds = self._holds
+        if isinstance(holds, tuple):
+            self._holds = [holds, position]
+        else:
+            holds.append(position)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return (self.change, self.holds, self.first_seen) == (
+            other.change,
+            other.holds,
+            other.first_seen,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value: unhashable
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry(change={self.change!r}, holds={self.holds!r}, first_seen={self.first_seen!r})"
+        )
 
 
 class AppliedMemory:
@@ -233,14 +277,12 @@ class DestinationBuffer:
         # "blocked": it is in no heap and not counted as ready until the flight completes.
         self._buffered: dict[str, Entry] = {}
         self._in_flight: dict[str, Entry] = {}
-        # Index by `entered`: [0] removals, [1] adds. Items (first_seen, tick, entry); stale
-        # items are discarded when they reach the top (see _top).
-        self._heaps: tuple[list[tuple[float, int, Entry]], list[tuple[float, int, Entry]]] = (
-            [],
-            [],
-        )
+        # Index by `entered`: [0] removals, [1] adds. Items (first_seen, tick, key), valid while
+        # the key's buffered entry is of that kind and carries that tick (see _top); stale items
+        # are discarded when they reach the top.
+        self._heaps: tuple[list[tuple[float, int, str]], list[tuple[float, int, str]]] = ([], [])
         self._ready = [0, 0]  # ready entries per kind, same indexing
-        self._tick = itertools.count()
+        self._tick = itertools.count(1)
 
     @property
     def destination(self) -> str:
@@ -271,7 +313,7 @@ class DestinationBuffer:
         key = change.key
         entry = self._buffered.get(key)
         if entry is not None:
-            entry.holds.append(change.position)
+            entry._hold(change.position)
             current = entry.change
             # A duplicate (redelivery) carries the same occurred_at: compare times first, so
             # the common case does not touch the event ids (fewer cache misses).
@@ -294,7 +336,7 @@ class DestinationBuffer:
                 ready = self._ready
                 ready[current.entered] -= 1
                 ready[change.entered] += 1
-                if not entry.heaped & (1 << change.entered):
+                if not (entry._tick1 if change.entered else entry._tick0):
                     self._push(entry)
             return _REPLACED, []
         flying = self._in_flight.get(key)
@@ -304,24 +346,36 @@ class DestinationBuffer:
             current_at = current.occurred_at_ms
             if at <= current_at:
                 if at == current_at and change.event_id == current.event_id:
-                    flying.holds.append(change.position)
+                    flying._hold(change.position)
                     return _DUPLICATE, []
                 if at < current_at or change.seq <= current.seq:
-                    flying.holds.append(change.position)
+                    flying._hold(change.position)
                     return _MERGED_OLDER, []
             # Newer than the flight: waits as a new entry, checked against the memory at take.
-            self._buffered[key] = Entry(change, [change.position], now)
+            self._buffered[key] = Entry(change, change.position, now)
             return _NEW, []
+        kind = change.entered
         if self._remember:
-            packed = self._applied._get_packed(hash((self._destination, key)))
+            # `AppliedMemory._get_packed`, inlined: this is the hot path of a new key.
+            memory = self._applied._map
+            hashed = hash((self._destination, key))
+            packed = memory.get(hashed)
             if packed is not None:
+                memory.move_to_end(hashed)
                 applied_at = packed >> 1
                 at = change.occurred_at_ms
-                if at < applied_at or (at == applied_at and change.entered == (packed & 1)):
+                if at < applied_at or (at == applied_at and kind == (packed & 1)):
                     return _LATE, [change.position]
-        entry = Entry(change, [change.position], now)
+        entry = Entry(change, change.position, now)
         self._buffered[key] = entry
-        self._make_ready(entry)
+        # `_make_ready` and `_push`, inlined: a new entry has no heap item yet.
+        self._ready[kind] += 1
+        tick = next(self._tick)
+        if kind:
+            entry._tick1 = tick
+        else:
+            entry._tick0 = tick
+        heappush(self._heaps[kind], (now, tick, key))
         return _NEW, []
 
     def pending(self) -> int:
@@ -341,13 +395,14 @@ class DestinationBuffer:
         add or a removal that has waited ``flush_interval_s``."""
         return self._adds_due(now) or self._aged(self._top(False), now)
 
-    def next_due(self, now: float) -> float | None:
+    def next_due(self, now: float, *, adds: bool = True, removals: bool = True) -> float | None:
         """Seconds until ``due`` (0.0 if due now); None when nothing is ready (empty, or every
-        buffered key is in flight: ask again after ``complete``)."""
-        if self._ready[1] >= self._max_adds:
+        buffered key is in flight: ask again after ``complete``). ``adds``/``removals`` as for
+        ``take``: only the kinds asked about count."""
+        if adds and self._ready[1] >= self._max_adds:
             return 0.0
         deadline = math.inf
-        for kind in (True, False):
+        for kind in (True,) * adds + (False,) * removals:
             entry = self._top(kind)
             if entry is not None:
                 deadline = min(deadline, entry.first_seen + self._flush_interval_s)
@@ -355,24 +410,28 @@ class DestinationBuffer:
             return None
         return max(0.0, deadline - now)
 
-    def take(self, now: float, *, force: bool = False) -> Batch | None:
+    def take(
+        self, now: float, *, force: bool = False, adds: bool = True, removals: bool = True
+    ) -> Batch | None:
         """If due (or ``force``): move up to ``max_adds`` adds and ``max_removals`` removals into
         flight (see the flush policy), dropping entries that became late. None if nothing was
-        taken. Keys in flight are never taken (their newer entries wait)."""
-        adds_due = force or self._adds_due(now)
-        removals_due = force or self._aged(self._top(False), now)
+        taken. Keys in flight are never taken (their newer entries wait). ``adds=False`` or
+        ``removals=False`` leaves that kind alone (a caller with no room for it in flight)."""
+        adds_due = adds and (force or self._adds_due(now))
+        removals_due = removals and (force or self._aged(self._top(False), now))
         if not (adds_due or removals_due):
             return None
-        adds: list[Entry] = []
-        removals: list[Entry] = []
+        taken_adds: list[Entry] = []
+        taken_removals: list[Entry] = []
         late: list[Entry] = []
         if adds_due:
-            self._take_kind(True, self._max_adds, math.inf, adds, late)
+            self._take_kind(True, self._max_adds, math.inf, taken_adds, late)
         if removals_due:
-            self._take_kind(False, self._max_removals, math.inf if force else now, removals, late)
-        if not (adds or removals or late):
+            until = math.inf if force else now
+            self._take_kind(False, self._max_removals, until, taken_removals, late)
+        if not (taken_adds or taken_removals or late):
             return None
-        return Batch(adds, removals, late)
+        return Batch(taken_adds, taken_removals, late)
 
     def complete(self, entries: Iterable[Entry], *, applied: bool) -> list[Position]:
         """In-flight entries are done; returns every position they hold, to release.
@@ -414,7 +473,8 @@ class DestinationBuffer:
                 self._buffered[key] = entry
                 self._make_ready(entry)
             else:  # newer by construction (it was not merged into the in-flight entry)
-                waiting.holds.extend(entry.holds)
+                for position in entry.holds:
+                    waiting._hold(position)
                 waiting.first_seen = min(waiting.first_seen, entry.first_seen)
                 self._make_ready(waiting)
 
@@ -428,28 +488,41 @@ class DestinationBuffer:
         """Count a (newly) ready entry and make sure its kind's heap has an item for it."""
         kind = entry.change.entered
         self._ready[kind] += 1
-        if not entry.heaped & (1 << kind):
+        if not (entry._tick1 if kind else entry._tick0):
             self._push(entry)
 
     def _push(self, entry: Entry) -> None:
         kind = entry.change.entered
-        entry.heaped |= 1 << kind
-        heappush(self._heaps[kind], (entry.first_seen, next(self._tick), entry))
+        tick = next(self._tick)
+        if kind:
+            entry._tick1 = tick
+        else:
+            entry._tick0 = tick
+        heappush(self._heaps[kind], (entry.first_seen, tick, entry.change.key))
 
     def _top(self, kind: bool) -> Entry | None:
         """Oldest ready entry of a kind; discards stale heap items on the way.
 
-        An item is valid while its entry is buffered (ready: blocked entries have no items)
-        and of the heap's kind. Every ready entry has a valid item in its kind's heap.
+        An item is valid while the buffered entry of its key carries the item's tick for the
+        heap's kind and is of that kind. Ticks are unique and an entry loses its ticks when it
+        is taken, so items of entries that were taken, completed or replaced never match; an
+        entry that changed kind keeps its tick (its item becomes valid again if it changes
+        back) until the item reaches the top. Blocked entries have no ticks. Every ready entry
+        has a valid item in its kind's heap.
         """
         heap = self._heaps[kind]
         buffered = self._buffered
         while heap:
-            entry = heap[0][2]
-            if entry.change.entered == kind and buffered.get(entry.change.key) is entry:
-                return entry
+            _, tick, key = heap[0]
+            entry = buffered.get(key)
+            if entry is not None and (entry._tick1 if kind else entry._tick0) == tick:
+                if entry.change.entered == kind:
+                    return entry
+                if kind:  # the entry changed kind: this item is gone, and so is its tick
+                    entry._tick1 = 0
+                else:
+                    entry._tick0 = 0
             heappop(heap)
-            entry.heaped &= ~(1 << kind)
         return None
 
     def _aged(self, entry: Entry | None, now: float) -> bool:
@@ -473,7 +546,7 @@ class DestinationBuffer:
             if entry is None or entry.first_seen + interval > until:
                 return
             heappop(heap)
-            entry.heaped &= ~(1 << kind)
+            entry._tick0 = entry._tick1 = 0  # an item left in the other heap is stale now
             change = entry.change
             key = change.key
             del buffered[key]

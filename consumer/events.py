@@ -17,7 +17,9 @@ but never repeats a value from the message. Field names that do not look like fi
 
 Hot path (the throughput target is > 200k events/s for decode, route and coalesce together):
 one ``orjson.loads``, one ``Validator.is_valid``, ``datetime.fromisoformat`` (C) for the
-timestamp. Error details are computed only for events that fail.
+timestamp. Error details are computed only for events that fail. The service calls
+`decode_fields`, which returns a plain tuple: building the frozen `MembershipChange` costs
+about as much as the timestamp and the field lookups together (measured in ``bench/intake.py``).
 """
 
 from __future__ import annotations
@@ -35,15 +37,20 @@ import orjson
 __all__ = [
     "MAX_EVENT_BYTES",
     "SCHEMA_FILE_NAME",
+    "EventFields",
     "Invalid",
     "MembershipChange",
     "ProfileValue",
     "decode",
+    "decode_fields",
     "parse_email",
     "schema_path",
 ]
 
 ProfileValue = str | int | float | bool | None | list[str]
+#: A valid event as `decode_fields` returns it: the fields of `MembershipChange`, in its order
+#: (event_id, segment_id, entered, occurred_at_ms, profile).
+EventFields = tuple[str, str, bool, int, dict[str, ProfileValue]]
 
 MAX_EVENT_BYTES: Final = 64 * 1024
 SCHEMA_FILE_NAME: Final = "segment-membership.v1.json"
@@ -111,6 +118,15 @@ _UTF8_BOM: Final = b"\xef\xbb\xbf"
 
 def decode(value: bytes | None) -> MembershipChange | Invalid:
     """Decode one record value. Never raises."""
+    fields = decode_fields(value)
+    if isinstance(fields, Invalid):
+        return fields
+    return MembershipChange(*fields)
+
+
+def decode_fields(value: bytes | None) -> EventFields | Invalid:
+    """`decode`, returning the change as an `EventFields` tuple instead of a `MembershipChange`
+    (the service's hot path: no object to build per event). Never raises."""
     if not value:
         return _EMPTY
     if len(value) > MAX_EVENT_BYTES:
@@ -149,7 +165,7 @@ def decode(value: bytes | None) -> MembershipChange | Invalid:
             if occurred_at_ms is None:
                 field = "time" if body is not event else "occurred_at"
                 return Invalid("schema", f"{field} is not a valid date-time")
-        return MembershipChange(
+        return (
             event_id,
             body["segment_id"],
             body["change"] == "entered",
@@ -343,6 +359,15 @@ def _schema_failure(event: object) -> Invalid:
 # Whitespace, control characters (C0, DEL, C1) and the RFC 5322 specials that are only valid
 # inside a quoted local part, which we do not support (nobody sends those to a mailing list).
 _EMAIL_FORBIDDEN: Final = re.compile(r'[\s\x00-\x1f\x7f-\x9f()<>\[\]:;\\,"]')
+# The common case, decided by one regex (2.5x faster than the general checks below): ASCII
+# only, so bytes are characters; the local part has none of the forbidden characters and no
+# `@`; the domain has at least two labels of 1-63 letters, digits and inner hyphens. Everything
+# it matches (after the length check) the general checks accept too; anything else goes
+# through them.
+_SIMPLE_EMAIL: Final = re.compile(
+    r"[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}"
+    r"@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+).fullmatch
 
 
 def parse_email(value: object) -> str | None:
@@ -356,6 +381,10 @@ def parse_email(value: object) -> str | None:
     empty label, a label over 63 bytes, or a label starting or ending with ``-``. Local parts
     with dots in odd places (``a..b``) and internationalised domains are let through.
     """
+    if value.__class__ is str:  # the fast path (a str subclass takes the general one)
+        address = value.strip().lower()
+        if len(address) <= 254 and _SIMPLE_EMAIL(address) is not None:
+            return address
     if not isinstance(value, str):
         return None
     address = value.strip().lower()

@@ -27,6 +27,8 @@ back, unless the ceiling is set per replica.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +40,9 @@ _LIMIT = "x-ratelimit-limit"
 _REMAINING = "x-ratelimit-remaining"
 _RESET = "x-ratelimit-reset"
 _NAMES = frozenset((_LIMIT, _REMAINING, _RESET))
+
+#: How far ahead `acquire` reserves slots (see there).
+LOOKAHEAD_S = 0.3
 
 # Each interval is stretched by one part in 10^9: accumulated float rounding over many slots is
 # far smaller, so the window guarantee holds exactly, not just "up to rounding".
@@ -125,16 +130,19 @@ class AimdRateLimiter:
       does not hold the next one back for a whole old interval.)
     * Headers, on success and on 429 alike: when ``remaining`` is known and ``reset_s > 0``,
       the pace is at most ``remaining / reset_s`` until the reset (what is left is spread evenly
-      over the window); ``remaining == 0`` means no slot before ``now + reset_s`` (one interval
-      when the reset is unknown). ``limit`` is informational only (the window length is not
-      published). A reset further away than ``max_pause_s`` is clamped to it (protects against
-      a server that sends an epoch timestamp), and the next 429 would pause again anyway.
+      over the window), unless ``limit`` is known and at least half of it remains (then the
+      allowance is not being drawn down and an earlier cap is dropped); ``remaining == 0``
+      means no slot before ``now + reset_s`` (one interval when the reset is unknown).
+      ``limit`` serves only that comparison (the window length is not published). A reset
+      further away than ``max_pause_s`` is clamped to it (protects against a server that sends
+      an epoch timestamp), and the next 429 would pause again anyway.
 
     Slots already handed out are not revoked by a later 429 in the pure API; ``acquire``
     re-checks after sleeping and queues again if a pause was imposed meanwhile.
     """
 
     __slots__ = (
+        "_arrivals",
         "_cap_rate",
         "_cap_until",
         "_last_decrease",
@@ -142,9 +150,11 @@ class AimdRateLimiter:
         "_not_before",
         "_pause_epoch",
         "_rate",
+        "_server",
         "_tat",
         "_tat_base",
         "_tau",
+        "_waiting",
         "burst",
         "ceiling",
         "decrease",
@@ -198,6 +208,10 @@ class AimdRateLimiter:
         self._cap_until = -math.inf  # ... valid until the window resets
         self._last_signal: float | None = None  # last success or 429 (additive increase clock)
         self._last_decrease = -math.inf
+        # acquire's waiting line: (priority, arrival, turn), and the task serving it
+        self._waiting: list[tuple[int, int, asyncio.Future[tuple[float, int]]]] = []
+        self._arrivals = itertools.count()
+        self._server: asyncio.Task[None] | None = None
 
     @property
     def rate(self) -> float:
@@ -210,6 +224,10 @@ class AimdRateLimiter:
             return self._cap_rate
         return self._rate
 
+    def next_slot_in(self, now: float) -> float:
+        """Seconds until the slot ``reserve(now)`` would hand out (0 = now), without taking it."""
+        return max(now, self._tat - self._tau, self._not_before) - now
+
     def reserve(self, now: float) -> float:
         """Take the next slot; returns seconds to wait before sending (0 = send now).
 
@@ -220,7 +238,10 @@ class AimdRateLimiter:
         send = max(now, self._tat - self._tau, self._not_before)
         self._tat_base = max(self._tat, send)
         self._tat = self._tat_base + interval
-        return send - now
+        wait = send - now
+        if now + wait < send:  # float rounding: the caller's `now + wait` must not fall short
+            wait = math.nextafter(wait, math.inf)
+        return wait
 
     def on_success(self, now: float, info: RateLimitInfo | None) -> None:
         """A request succeeded (any non-429 answer): additive increase, then honour headers."""
@@ -275,21 +296,55 @@ class AimdRateLimiter:
         reset = min(reset, self.max_pause_s)
         if info.remaining == 0:
             self._pause_until(now + reset)
+        elif info.limit is not None and info.remaining * 2 >= info.limit:
+            # At least half of the allowance is left: nothing is being used up faster than it
+            # comes back, so there is nothing to spread (and an older cap is out of date). A
+            # token bucket paced at its own rate reads "nearly full" on every answer; capping
+            # at remaining/reset there (a whole second, rounded up) cost a fifth of the rate.
+            self._cap_until = -math.inf
         else:
             self._cap_rate = info.remaining / reset
             self._cap_until = now + reset
 
-    async def acquire(self, clock: Callable[[], float] = time.monotonic) -> None:
+    async def acquire(
+        self, clock: Callable[[], float] = time.monotonic, *, priority: int = 0
+    ) -> None:
         """Wait for a slot (the thin async wrapper; the only place that sleeps).
 
-        If a pause was imposed while waiting (a 429, an exhausted window) and the slot falls
-        inside it, queue again behind the pause instead of sending into it. Cancelling the wait
-        forfeits the slot (which errs on the polite side).
+        Callers wait in line, lower ``priority`` first, then first come first served (an
+        import, which can carry a thousand changes, need not queue behind a hundred single
+        removals). Slots are handed out in that order, each as soon as it is at most
+        `LOOKAHEAD_S` away, at the pace of that moment: after a low header cap is lifted the
+        pace is back within `LOOKAHEAD_S` (reserving for every caller on arrival had spaced
+        them all at the low pace; two processes sharing a key reached ~55 % of its rate that
+        way), and a busy event loop does not cost slots: everything due within the lookahead
+        is handed out at once, and slots a busy loop overslept still go out together (handing
+        out one slot per loop turn had halved the request rate while intake kept the loop
+        busy). If a pause was imposed while waiting (a 429, an exhausted window) and the slot
+        falls inside it, queue again behind the pause instead of sending into it. Cancelling
+        the wait forfeits the slot (which errs on the polite side).
         """
         while True:
-            epoch = self._pause_epoch
-            wait = self.reserve(clock())
+            turn: asyncio.Future[tuple[float, int]] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (priority, next(self._arrivals), turn))
+            if self._server is None or self._server.done():
+                self._server = asyncio.get_running_loop().create_task(self._serve(clock))
+            wait, epoch = await turn
             if wait > 0:
                 await asyncio.sleep(wait)
             if self._pause_epoch == epoch or clock() >= self._not_before:
                 return
+
+    async def _serve(self, clock: Callable[[], float]) -> None:
+        """Hand out slots to the waiting line while anyone waits (see `acquire`)."""
+        waiting = self._waiting
+        while waiting:
+            now = clock()
+            ahead = self.next_slot_in(now)
+            if ahead > LOOKAHEAD_S:
+                await asyncio.sleep(ahead - LOOKAHEAD_S)
+                continue
+            _, _, turn = heapq.heappop(waiting)
+            if not turn.done():  # else: cancelled while waiting
+                epoch = self._pause_epoch
+                turn.set_result((self.reserve(now), epoch))

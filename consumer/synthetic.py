@@ -87,7 +87,16 @@ INTERESTS = ("shoes", "books", "travel", "music", "garden")
 class StreamGenerator:
     """A realistic stream: profiles entering and exiting segments over time, with profile
     updates, re-entries, duplicates (the same event sent twice), late events (an older change
-    delivered after a newer one), CloudEvents-formatted events and a few invalid records."""
+    delivered after a newer one), CloudEvents-formatted events and a few invalid records.
+
+    ``ordered=True`` delivers the changes of each (profile, segment) in event-time order: no late
+    events, and a duplicate comes before the next change of its profile and segment. That is the
+    stream for which the lists stay exact across restarts and rebalances (the applied-time
+    memory does not survive them, so a late change read afterwards would be applied: see the
+    README's known limits). ``version_field`` names a profile field set to the change's
+    ``occurred_at`` in epoch ms, so that a list mapping it to a custom field shows which change
+    was applied last.
+    """
 
     seed: int = 7
     profiles: int = 25_000
@@ -96,6 +105,8 @@ class StreamGenerator:
     late_rate: float = 0.02
     invalid_rate: float = 0.003
     cloudevents_rate: float = 0.1
+    ordered: bool = False
+    version_field: str | None = None
     start_ms: int = field(
         default_factory=lambda: int((datetime.now(UTC) - timedelta(hours=2)).timestamp() * 1000)
     )
@@ -124,6 +135,8 @@ class StreamGenerator:
                         "lifetime_value": round(rng.uniform(0, 5000), 2),
                     }
                     occurred = t
+                    if self.version_field is not None:
+                        profile[self.version_field] = occurred
                     value = event_bytes(
                         event_id=str(uuid.UUID(int=rng.getrandbits(128))),
                         segment_id=spec.segment_id,
@@ -142,14 +155,18 @@ class StreamGenerator:
                         profile=profile,
                     )
                     emit = occurred
-                    if rng.random() < self.late_rate:
+                    if rng.random() < self.late_rate and not self.ordered:
                         emit += rng.randrange(60_000, 900_000)  # delivered late
                     timeline.append((emit, rng.getrandbits(32), record))
+                    duplicate: tuple[int, int] | None = None
                     if rng.random() < self.duplicate_rate:
-                        timeline.append(
-                            (emit + rng.randrange(1, 600_000), rng.getrandbits(32), record)
-                        )
+                        duplicate = (emit + rng.randrange(1, 600_000), rng.getrandbits(32))
                     t += rng.randrange(1_000, 1_200_000)
+                    if duplicate is not None:
+                        at, tiebreak = duplicate
+                        if self.ordered:  # before the next change of this profile and segment
+                            at = min(at, t - 1)
+                        timeline.append((at, tiebreak, record))
                     if spec.exits:
                         entered = not entered if rng.random() < 0.8 else entered
         timeline.sort(key=lambda item: (item[0], item[1]))

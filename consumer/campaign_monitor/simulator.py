@@ -65,8 +65,8 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final, Literal
 
@@ -78,6 +78,7 @@ from consumer.campaign_monitor._simstate import ApiError, SimList, SimState, Tok
 
 __all__ = [
     "AddressThrottle",
+    "AppliedWrite",
     "FaultConfig",
     "Simulator",
     "SimulatorConfig",
@@ -205,6 +206,21 @@ class SimulatorConfig:
     resubscribe_false_reports: model.ResubscribeFalseReports = "existing"
     invalid_list_status: Literal[400, 401] = 400
     timestamps_kept: int = 100_000  # request timestamps kept per API key for /_sim/stats
+    apply_log: bool = False  # keep an in-process log of accepted writes (`applied_writes`)
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedWrite:
+    """One write the simulator accepted, in the order it was applied (opt-in test hook:
+    `SimulatorConfig.apply_log`). Fault tests use it to check the order of applied changes
+    per address and to count writes repeated after a restart."""
+
+    at: float  # the simulator's clock (monotonic seconds)
+    endpoint: str  # "import" | "add" | "unsubscribe" | "delete"
+    list_id: str
+    email: str  # lower-cased
+    fields: tuple[tuple[str, str], ...]  # the row's custom fields as sent; () for removals
+    applied: bool = True  # False: a removal answered Code 203 (not in the list any more)
 
 
 class Simulator:
@@ -255,6 +271,7 @@ class Simulator:
         self._writes_swept = 0.0
         self._counts: dict[str, dict[str, int]] = {}
         self._times: dict[str, deque[float]] = {}
+        self._applied: list[AppliedWrite] | None = [] if config.apply_log else None
 
     # configuration and in-process access ------------------------------------------------------
     def add_list(
@@ -309,9 +326,15 @@ class Simulator:
         """Monotonic arrival times of the last requests that carried valid credentials."""
         return list(self._times.get(api_key or self._default_owner, ()))
 
+    def applied_writes(self) -> list[AppliedWrite]:
+        """The accepted writes so far, oldest first (empty unless `config.apply_log`)."""
+        return list(self._applied or ())
+
     def reset_stats(self) -> None:
         self._counts.clear()
         self._times.clear()
+        if self._applied is not None:
+            self._applied.clear()
 
     @property
     def faults(self) -> FaultConfig:
@@ -499,6 +522,8 @@ class Simulator:
                 lst, rows, resubscribe=model.parse_bool(body.get("Resubscribe")), now=self._now()
             )
             self._record_writes(lst.list_id, keys, now)
+            if self._applied is not None:
+                self._log_import(lst.list_id, rows, outcome)
             result = outcome.result()
             if outcome.failures:
                 return 400, orjson.dumps(
@@ -516,20 +541,25 @@ class Simulator:
             self._check_throttle(lst.list_id, keys, now)
             added = st.add_subscriber(lst, body, now=self._now())
             self._record_writes(lst.list_id, keys, now)
+            if self._applied is not None:
+                self._log_rows("add", lst.list_id, [body], frozenset())
             return 201, orjson.dumps(added)
         if endpoint == "unsubscribe":
             body = await _json_body(request)
             email = body.get("EmailAddress") if isinstance(body, dict) else None
             keys = (email.lower(),) if isinstance(email, str) and self._throttle else ()
             self._check_throttle(lst.list_id, keys, now)
-            st.unsubscribe(lst, email if isinstance(email, str) else "", now=self._now())
+            address = email if isinstance(email, str) else ""
+            with self._log_removal("unsubscribe", lst.list_id, address):
+                st.unsubscribe(lst, address, now=self._now())
             self._record_writes(lst.list_id, keys, now)
             return 200, None
         if endpoint == "delete":
             email = query.get("email", "")
             keys = (email.lower(),) if self._throttle else ()
             self._check_throttle(lst.list_id, keys, now)
-            st.delete(lst, email, now=self._now())
+            with self._log_removal("delete", lst.list_id, email):
+                st.delete(lst, email, now=self._now())
             self._record_writes(lst.list_id, keys, now)
             return 200, None
         include_consent = model.parse_bool(query.get("includetrackingpreference"))
@@ -542,6 +572,48 @@ class Simulator:
             return 200, orjson.dumps(lst.stats())
         page_request = model.parse_page_request(query)
         return 200, orjson.dumps(st.page(lst, state, page_request, include_consent=include_consent))
+
+    # apply log (opt-in) -----------------------------------------------------------------------
+    def _log_import(self, list_id: str, rows: object, outcome: model.ImportOutcome) -> None:
+        failed = frozenset(f.email.lower() for f in outcome.failures)
+        self._log_rows("import", list_id, rows if isinstance(rows, list) else [], failed)
+
+    def _log_rows(
+        self,
+        endpoint: str,
+        list_id: str,
+        rows: Sequence[object],
+        failed: frozenset[str],
+    ) -> None:
+        assert self._applied is not None
+        now = self._clock()
+        for row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get("EmailAddress"), str):
+                continue
+            email = row["EmailAddress"].lower()
+            if email in failed:
+                continue
+            raw = row.get("CustomFields")
+            fields = tuple(
+                (str(f.get("Key")), str(f.get("Value", "")))
+                for f in (raw if isinstance(raw, list) else [])
+                if isinstance(f, dict)
+            )
+            self._applied.append(AppliedWrite(now, endpoint, list_id, email, fields))
+
+    @contextmanager
+    def _log_removal(self, endpoint: str, list_id: str, email: str) -> Iterator[None]:
+        if self._applied is None:
+            yield
+            return
+        now = self._clock()
+        try:
+            yield
+        except ApiError as exc:
+            if exc.code == model.CODE_NOT_IN_LIST:
+                self._applied.append(AppliedWrite(now, endpoint, list_id, email.lower(), (), False))
+            raise
+        self._applied.append(AppliedWrite(now, endpoint, list_id, email.lower(), ()))
 
     # per-address throttle ---------------------------------------------------------------------
     def _check_throttle(self, list_id: str, keys: Sequence[str], now: float) -> None:

@@ -1,0 +1,905 @@
+"""Shared machinery of the fault suite.
+
+`FaultRig` is one sync under test: the Campaign Monitor simulator served in the test process
+(so its state survives restarts of the service), one topic, dead-letter topic and consumer group
+on a real broker, and any number of service processes (`python -m consumer run` with a CMSYNC_*
+environment) started, killed and restarted by the test. It remembers every record it produced
+with the partition and offset the broker acknowledged (the bundled broker's ListOffsets answers
+are not reliable), so that a scenario can compute the expected lists from the produced events
+alone and check the committed offsets against what the simulator really holds.
+
+The checks (each returns a list of problems, empty when all is well; no address is printed):
+- `list_problems`: a destination's list against `consumer.synthetic.expected_state`;
+- `committed_but_unapplied`: every record below the committed offset is reflected in its list
+  (see the function's docstring for why the check is sound);
+- `out_of_order_writes`: per address, applied versions never go back in event time, except for
+  documented replays after a crash;
+- `repeated_writes`: writes the simulator applied more than once (figures, not a check).
+
+Each scenario states its figures with `note()`: printed (see them with `pytest -s`) and, when
+CMSYNC_FAULTS_REPORT names a file, appended to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from consumer.campaign_monitor.simulator import AppliedWrite, Simulator, SimulatorConfig, serve
+from consumer.embedded_broker import create_topics, free_port
+from consumer.events import parse_email
+from consumer.synthetic import (
+    Expected,
+    Produced,
+    SegmentSpec,
+    StreamGenerator,
+    event_bytes,
+    expected_state,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CHAOS = os.environ.get("CMSYNC_CHAOS") == "1"
+API_KEY = "fault-key-0001"
+VERSION = "Version"  # custom field carrying the occurred_at (epoch ms) of the applied change
+
+
+def scaled(normal: int, chaos: int) -> int:
+    """A size for `make test`, or the larger one under CMSYNC_CHAOS=1 (`make chaos`)."""
+    return chaos if CHAOS else normal
+
+
+def note(text: str) -> None:
+    """A figure for the report: printed (visible with `pytest -s`) and kept in a file."""
+    line = f"[faults] {text}"
+    print(line, flush=True)
+    path = os.environ.get("CMSYNC_FAULTS_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as report:
+            report.write(line + "\n")
+
+
+# ------------------------------------------------------------------------------- destinations
+
+
+@dataclass(frozen=True)
+class Dest:
+    name: str
+    segment_id: str
+    removal: str = "delete"
+    resubscribe: str = "deleted-only"
+    custom_fields: tuple[tuple[str, str], ...] = (("City", "city"), (VERSION, "version"))
+    api_key_env: str = "CMSYNC_CM_API_KEY"
+    list_id: str | None = None  # None: a new list in the simulator
+
+    def toml(self, list_id: str) -> str:
+        fields = "\n".join(f'{key} = "{value}"' for key, value in self.custom_fields)
+        return f"""[[destination]]
+name = "{self.name}"
+segment_id = "{self.segment_id}"
+list_id = "{list_id}"
+api_key_env = "{self.api_key_env}"
+email_field = "email"
+name_field = "full_name"
+removal = "{self.removal}"
+resubscribe = "{self.resubscribe}"
+consent_to_track = "Unchanged"
+
+[destination.custom_fields]
+{fields}
+"""
+
+
+#: Two lists fed by one segment (one deleting, one unsubscribing), one list of another segment,
+#: and a segment no list takes.
+DESTS = (
+    Dest(
+        "news",
+        "seg-a",
+        custom_fields=(
+            ("City", "city"),
+            ("Tier", "tier"),
+            ("Interests", "interests"),
+            (VERSION, "version"),
+        ),
+    ),
+    Dest("offers", "seg-a", removal="unsubscribe", resubscribe="always"),
+    Dest("club", "seg-b"),
+)
+SEGMENTS = (
+    SegmentSpec("seg-a", share=0.6, max_changes=5),
+    SegmentSpec("seg-b", share=0.4, max_changes=4),
+    SegmentSpec("seg-x", share=0.1, max_changes=2),  # no destination
+)
+
+
+def stream(
+    profiles: int,
+    *,
+    seed: int,
+    ordered: bool = True,
+    invalid_rate: float = 0.0,
+    duplicate_rate: float = 0.03,
+    segments: Sequence[SegmentSpec] = SEGMENTS,
+) -> list[Produced]:
+    """A synthetic stream whose profiles carry `version` = occurred_at (see `StreamGenerator`).
+
+    `ordered` (the default) keeps each address's changes in event-time order: the stream for
+    which lists stay exact across restarts and rebalances (README, known limits).
+    """
+    gen = StreamGenerator(
+        seed=seed,
+        profiles=profiles,
+        segments=segments,
+        duplicate_rate=duplicate_rate,
+        late_rate=0.0 if ordered else 0.03,
+        invalid_rate=invalid_rate,
+        ordered=ordered,
+        version_field="version",
+        start_ms=1_764_417_600_000,  # fixed: the stream depends on the seed only
+    )
+    return gen.generate()
+
+
+def change(
+    email: str,
+    entered: bool = True,
+    *,
+    at_ms: int,
+    segment: str = "seg-a",
+    city: str | None = "London",
+    extra: Mapping[str, object] | None = None,
+) -> Produced:
+    """One hand-made membership event (its profile carries `version` = `at_ms`)."""
+    profile: dict[str, object] = {
+        "id": f"p-{email}",
+        "email": email,
+        "full_name": f"Person {email.split('@')[0]}",
+        "city": city,
+        "version": at_ms,
+        **(extra or {}),
+    }
+    value = event_bytes(
+        event_id=str(uuid.uuid4()),
+        segment_id=segment,
+        entered=entered,
+        occurred_at_ms=at_ms,
+        profile=profile,
+    )
+    return Produced(
+        key=f"p-{email}".encode(),
+        value=value,
+        segment_id=segment,
+        email=parse_email(email),
+        entered=entered,
+        occurred_at_ms=at_ms,
+        profile=profile,
+    )
+
+
+# ------------------------------------------------------------------------------- the simulator
+
+
+class TrackingSimulator(Simulator):
+    """The simulator, plus a count of the API requests being handled right now per endpoint
+    (to kill the service while an import is in flight)."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        super().__init__(config)
+        self.in_flight: Counter[str] = Counter()
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def track(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            kind = _kind(request)
+            self.in_flight[kind] += 1
+            try:
+                return await handler(request)
+            finally:
+                self.in_flight[kind] -= 1
+
+        app.middlewares.append(track)
+        return app
+
+
+def _kind(request: web.Request) -> str:
+    path = request.path
+    if not path.startswith("/api/"):
+        return "admin"
+    if path.endswith("/import.json"):
+        return "import"
+    if path.endswith("/unsubscribe.json"):
+        return "unsubscribe"
+    if request.method == "DELETE":
+        return "delete"
+    return "other"
+
+
+# ------------------------------------------------------------------------------- a service process
+
+
+@dataclass
+class Sent:
+    """One produced record and where the broker put it."""
+
+    record: Produced
+    partition: int
+    offset: int
+
+
+class ServiceProcess:
+    """`python -m consumer run` as a child process; its JSON log lines go to a file."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.port = int(env["CMSYNC_HTTP_PORT"])
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run"],
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no commit, no LeaveGroup."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    async def wait(self, within_s: float) -> int:
+        try:
+            await asyncio.to_thread(self.proc.wait, within_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"{self.name} did not exit within {within_s:.0f} s\n{self.tail()}"
+            ) from None
+        self._log.close()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.alive():
+            self.kill()
+        self._log.close()
+
+    # logs ----------------------------------------------------------------------------------
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_bytes().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed = orjson.loads(raw)
+                if isinstance(parsed, dict):
+                    lines.append(parsed)
+        return lines
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("event") == event]
+
+    def assigned(self) -> set[int] | None:
+        """Partitions of the last `partitions_assigned` line (None before the first one)."""
+        found = self.events("partitions_assigned")
+        return set(found[-1]["partitions"]) if found else None
+
+    def tail(self, lines: int = 25) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return f"--- last lines of {self.name}'s log ---\n" + "\n".join(text[-lines:])
+
+    # HTTP ----------------------------------------------------------------------------------
+    async def get(self, path: str) -> tuple[int, str]:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"http://127.0.0.1:{self.port}{path}") as response,
+        ):
+            return response.status, await response.text()
+
+    async def metrics(self) -> Metrics:
+        status, text = await self.get("/metrics")
+        assert status == 200, status
+        return Metrics.parse(text)
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+
+@dataclass
+class Metrics:
+    samples: dict[str, list[tuple[dict[str, str], float]]]
+
+    @classmethod
+    def parse(cls, text: str) -> Metrics:
+        samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[sample.name].append((dict(sample.labels), float(sample.value)))
+        return cls(samples)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        return sum(
+            v
+            for have, v in self.samples.get(name, [])
+            if all(have.get(k) == want for k, want in labels.items())
+        )
+
+    def has(self, name: str, **labels: str) -> bool:
+        return any(
+            all(have.get(k) == want for k, want in labels.items())
+            for have, _ in self.samples.get(name, [])
+        )
+
+
+# ------------------------------------------------------------------------------- the rig
+
+
+class FaultRig:
+    """See the module docstring. Use as `async with FaultRig(...) as rig:`."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        tmp: Path,
+        *,
+        dests: Sequence[Dest] = DESTS,
+        partitions: int = 3,
+        sim_config: SimulatorConfig | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.tmp = tmp
+        self.dests = list(dests)
+        self.partitions = partitions
+        tag = uuid.uuid4().hex[:10]
+        self.topic = f"faults-{tag}"
+        self.dlq_topic = f"faults-{tag}.dlq"
+        self.group = f"cmsync-faults-{tag}"
+        config = sim_config or SimulatorConfig(api_keys=(API_KEY,))
+        config.apply_log = True
+        self.sim = TrackingSimulator(config)
+        self.extra_env = dict(env or {})
+        self.list_ids: dict[str, str] = {}
+        self.base_url = ""
+        self.sent: list[Sent] = []
+        self.ends: dict[int, int] = {}
+        self.procs: list[ServiceProcess] = []
+        self._producer: AIOKafkaProducer | None = None
+        self._offsets: AIOKafkaConsumer | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> FaultRig:
+        self.base_url = await self._stack.enter_async_context(serve(self.sim))
+        for dest in self.dests:
+            self.list_ids[dest.name] = dest.list_id or self.sim.add_list(
+                title=dest.name, unsubscribe_setting="OnlyThisList", api_key=API_KEY
+            )
+        await create_topics(self.bootstrap, {self.topic: self.partitions, self.dlq_topic: 1})
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.close()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._offsets is not None:
+            await self._offsets.stop()
+        await self._stack.aclose()
+
+    # services ------------------------------------------------------------------------------
+    def env(self, **overrides: str) -> dict[str, str]:
+        dest_file = self.tmp / f"destinations-{self.topic}.toml"
+        dest_file.write_text("\n".join(d.toml(self.list_ids[d.name]) for d in self.dests))
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CMSYNC_")}
+        return {
+            **base,
+            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "CMSYNC_KAFKA_TOPIC": self.topic,
+            "CMSYNC_DLQ_TOPIC": self.dlq_topic,
+            "CMSYNC_KAFKA_GROUP_ID": self.group,
+            "CMSYNC_CM_BASE_URL": self.base_url,
+            "CMSYNC_CM_API_KEY": API_KEY,
+            "CMSYNC_DESTINATIONS_FILE": str(dest_file),
+            "CMSYNC_FLUSH_INTERVAL_S": "0.3",
+            "CMSYNC_HTTP_PORT": str(free_port()),
+            "CMSYNC_RATE_LIMIT_RPS": "200",
+            "CMSYNC_CONSENT_REFRESH_S": "5",
+            "CMSYNC_SHUTDOWN_BUDGET_S": "10",
+            "CMSYNC_LOG_LEVEL": "info",
+            "CMSYNC_LOG_FORMAT": "json",
+            **self.extra_env,
+            **overrides,
+        }
+
+    def spawn(self, name: str = "svc", **env: str) -> ServiceProcess:
+        index = len(self.procs)
+        proc = ServiceProcess(name, self.env(**env), self.tmp / f"{name}-{index}.log")
+        self.procs.append(proc)
+        return proc
+
+    async def wait_assigned(self, proc: ServiceProcess, within_s: float = 60.0) -> set[int]:
+        """Until the process logged a partition assignment (the group join is slow on the
+        bundled broker: ~5 s, ~18 s when a killed member must time out first)."""
+        await self.wait_for(
+            lambda: proc.assigned() is not None, within_s, f"{proc.name} joined", [proc]
+        )
+        found = proc.assigned()
+        assert found is not None
+        return found
+
+    async def wait_for(
+        self,
+        condition: Callable[[], bool | Awaitable[bool]],
+        within_s: float,
+        what: str,
+        watch: Iterable[ServiceProcess] = (),
+        *,
+        every_s: float = 0.1,
+    ) -> None:
+        """Poll `condition` until true; fail with `what` after `within_s`, or at once if a
+        watched process exits."""
+        watched = list(watch)
+        deadline = time.monotonic() + within_s
+        while True:
+            result = condition()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            for proc in watched:
+                if not proc.alive():
+                    raise AssertionError(
+                        f"{proc.name} exited ({proc.proc.returncode}) while waiting for: "
+                        f"{what}\n{proc.tail()}"
+                    )
+            if time.monotonic() >= deadline:
+                tails = "\n".join(p.tail() for p in watched)
+                raise AssertionError(f"not within {within_s:.0f} s: {what}\n{tails}")
+            await asyncio.sleep(every_s)
+
+    # kafka ---------------------------------------------------------------------------------
+    async def produce(
+        self,
+        records: Sequence[Produced],
+        raw: Mapping[int, tuple[bytes | None, bytes | None]] | None = None,
+    ) -> list[Sent]:
+        """Produce in order; remember each record's partition and offset from the acks.
+        `raw` maps `id(record)` to the key and value to send instead (None: no key, or a
+        tombstone)."""
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, acks="all", linger_ms=5
+            )
+            await self._producer.start()
+        futures = []
+        for r in records:
+            key, value = raw.get(id(r), (r.key, r.value)) if raw else (r.key, r.value)
+            futures.append(await self._producer.send(self.topic, key=key, value=value))
+        sent = []
+        for record, future in zip(records, futures, strict=True):
+            meta = await future
+            sent.append(Sent(record, meta.partition, meta.offset))
+            self.ends[meta.partition] = max(self.ends.get(meta.partition, 0), meta.offset + 1)
+        self.sent.extend(sent)
+        return sent
+
+    async def produce_paced(
+        self, records: Sequence[Produced], *, over_s: float, chunks: int = 20
+    ) -> None:
+        """Produce `records` in `chunks` parts spread over about `over_s` seconds."""
+        size = max(1, -(-len(records) // chunks))
+        for start in range(0, len(records), size):
+            await self.produce(records[start : start + size])
+            await asyncio.sleep(over_s / chunks)
+
+    async def committed(self) -> dict[int, int]:
+        """The group's committed offsets as the broker holds them (0: none)."""
+        if self._offsets is None:
+            self._offsets = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False
+            )
+            await self._offsets.start()
+        out = {}
+        for p in range(self.partitions):
+            offset = await self._offsets.committed(TopicPartition(self.topic, p))
+            out[p] = offset or 0
+        return out
+
+    async def wait_all_committed(
+        self, within_s: float, watch: Iterable[ServiceProcess] = ()
+    ) -> dict[int, int]:
+        """Until the committed offsets reach the end of everything produced."""
+        ends = dict(self.ends)
+        last: dict[int, int] = {}
+
+        async def done() -> bool:
+            last.update(await self.committed())
+            return all(last.get(p, 0) >= end for p, end in ends.items())
+
+        try:
+            await self.wait_for(done, within_s, "every produced record committed", watch)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nends {ends}, committed {last}") from None
+        return last
+
+    async def dead_letters(
+        self, sources: Iterable[tuple[int, int]], within_s: float = 20.0
+    ) -> list[Any]:
+        """Every record of the dead-letter topic; waits until one for each (partition, offset)
+        in `sources` is there (replays after a crash may have written some twice)."""
+        wanted = set(sources)
+        consumer = AIOKafkaConsumer(
+            self.dlq_topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        out: list[Any] = []
+        try:
+            deadline = time.monotonic() + within_s
+            while wanted - {dead_letter_source(r) for r in out}:
+                if time.monotonic() > deadline:
+                    break
+                for records in (await consumer.getmany(timeout_ms=300)).values():
+                    out.extend(records)
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(records)
+        finally:
+            await consumer.stop()
+        return out
+
+    # lists ---------------------------------------------------------------------------------
+    def members(self, dest: str) -> dict[str, dict[str, Any]]:
+        """The destination's list as the simulator holds it ({} for a list it does not know:
+        a destination configured with a wrong ListID)."""
+        try:
+            return self.sim.list_state(self.list_ids[dest])
+        except KeyError:
+            return {}
+
+    def records(self) -> list[Produced]:
+        return [s.record for s in self.sent]
+
+    def list_problems(self) -> dict[str, list[str]]:
+        """Per destination, the differences between its list and the expected state (only
+        destinations with problems)."""
+        out = {}
+        records = self.records()
+        for dest in self.dests:
+            problems = list_problems(
+                expected_state(records, dest.segment_id), self.members(dest.name), dest
+            )
+            if problems:
+                out[dest.name] = problems
+        return out
+
+    def committed_but_unapplied(self, committed: Mapping[int, int]) -> list[str]:
+        return committed_but_unapplied(
+            self.sent, committed, {d.name: self.members(d.name) for d in self.dests}, self.dests
+        )
+
+
+# ------------------------------------------------------------------------------- checks
+
+
+def headers_of(record: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in record.headers}
+
+
+def expected_dead_letters(sent: Iterable[Sent], dests: Sequence[Dest]) -> set[tuple[int, int]]:
+    """(partition, offset) of the produced records the service must dead-letter: undecodable
+    ones, and valid ones without a usable address for a list their segment feeds (a valid
+    event of a segment no list takes concerns no destination: it is skipped, not refused)."""
+    routed = {d.segment_id for d in dests}
+    return {
+        (s.partition, s.offset)
+        for s in sent
+        if s.record.invalid is not None
+        and (
+            s.record.invalid not in ("missing_email", "invalid_email")
+            or s.record.segment_id in routed
+        )
+    }
+
+
+def dead_letter_source(record: Any) -> tuple[int, int]:
+    """(partition, offset) of the original record, from the `cmsync-source` header."""
+    _, partition, offset = headers_of(record)["cmsync-source"].rsplit("/", 2)
+    return int(partition), int(offset)
+
+
+def field_values(member: Mapping[str, Any], key: str) -> list[str]:
+    return sorted(str(f["Value"]) for f in member.get("CustomFields", []) if f.get("Key") == key)
+
+
+def expected_values(value: object) -> list[str]:
+    """What a custom field holds after a profile value was synced (see `build_row`)."""
+    if value is None or value == []:
+        return []
+    if isinstance(value, list):
+        return sorted(str(v) for v in value)
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    return [str(value)]
+
+
+def list_problems(
+    expected: Expected, members: Mapping[str, Mapping[str, Any]], dest: Dest
+) -> list[str]:
+    """Differences between a list and its expected state, counted by kind (no addresses)."""
+    problems: Counter[str] = Counter()
+    active = {a for a, m in members.items() if m.get("State") == "Active"}
+    problems["missing or inactive"] = len(set(expected.active) - active)
+    problems["active but should not be"] = len(active & expected.inactive)
+    problems["active but never in the segment"] = len(
+        active - set(expected.active) - expected.inactive
+    )
+    for address in set(expected.active) & active:
+        profile, member = expected.active[address], members[address]
+        if member.get("Name") != profile.get("full_name"):
+            problems["wrong name"] += 1
+        for key, profile_field in dest.custom_fields:
+            if profile_field in profile and field_values(member, key) != expected_values(
+                profile[profile_field]
+            ):
+                problems[f"wrong {key}"] += 1
+    return [f"{n} {what}" for what, n in problems.items() if n]
+
+
+def version_of(member: Mapping[str, Any] | None) -> int | None:
+    if member is None:
+        return None
+    values = field_values(member, VERSION)
+    return int(values[0]) if values else None
+
+
+def committed_but_unapplied(
+    sent: Sequence[Sent],
+    committed: Mapping[int, int],
+    members: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    dests: Sequence[Dest],
+) -> list[str]:
+    """Records below the committed offset whose change the list does not reflect.
+
+    Guarantee 1: a committed offset means every change before it is durable — applied (or
+    dead-lettered, or concerning no list). Each valid record `r` of a destination's segment at
+    an offset below its partition's committed offset must therefore show in the list, as `r`
+    itself or as a newer change of the same address (the list may be ahead of the commit:
+    changes are applied before they are committed):
+    - `r` entered: the address is Active with Version >= r.occurred_at (the Version field is
+      the occurred_at of the applied add), or inactive and the stream holds a newer removal;
+    - `r` exited: the address is not Active, or Active with Version > r.occurred_at.
+    Why nothing else can explain a failure, on the streams the suite uses (`ordered=True`: each
+    address's changes are delivered in event-time order, on one partition since the key is the
+    profile id): after a crash the service replays from the committed offset, i.e. only
+    records *above* the commit, which are newer than `r` for `r`'s address; a request still in
+    flight when the process died can land later, but it carries a change at or above the
+    commit too — and the check runs after such requests have settled (the caller waits longer
+    than the simulator's injected latency). So a failure means an offset was committed before
+    its change was applied, or an applied change was later undone by an older one.
+    """
+    problems: Counter[str] = Counter()
+    removals: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for s in sent:
+        r = s.record
+        if r.invalid is None and r.email is not None and r.segment_id and not r.entered:
+            removals[(r.segment_id, r.email)].append(r.occurred_at_ms)
+    for dest in dests:
+        lst = members[dest.name]
+        for s in sent:
+            r = s.record
+            if (
+                r.invalid is not None
+                or r.email is None
+                or r.segment_id != dest.segment_id
+                or s.offset >= committed.get(s.partition, 0)
+            ):
+                continue
+            member = lst.get(r.email)
+            active = member is not None and member.get("State") == "Active"
+            version = version_of(member) if active else None
+            if r.entered:
+                ok = (active and version is not None and version >= r.occurred_at_ms) or (
+                    not active
+                    and any(t > r.occurred_at_ms for t in removals[(r.segment_id, r.email)])
+                )
+            else:
+                ok = not active or (version is not None and version > r.occurred_at_ms)
+            if not ok:
+                kind = "add" if r.entered else "removal"
+                problems[f"{dest.name}: committed {kind} not reflected in the list"] += 1
+    return [f"{n} × {what}" for what, n in problems.items()]
+
+
+@dataclass
+class Replay:
+    """A window in which replays are legitimate: after a SIGKILL at simulator time `after`,
+    records of `partitions` at or above `committed` are read again by the next owner."""
+
+    after: float
+    partitions: set[int]
+    committed: dict[int, int]
+
+
+def out_of_order_writes(
+    writes: Sequence[AppliedWrite],
+    sent: Sequence[Sent],
+    dests: Sequence[Dest],
+    list_ids: Mapping[str, str],
+    replays: Sequence[Replay] = (),
+) -> list[str]:
+    """Per (list, address), writes that went back in event time.
+
+    An import row carries the change's Version (its occurred_at): for one address the Versions
+    applied must never decrease. A removal must be newer than the add it undoes: the stream
+    must hold an exit of that address newer than the Version last applied. The exception is
+    the documented replay after a crash (README, known limits): after a SIGKILL the new owner
+    of the dead process's partitions re-reads them from the committed offset and repeats, in
+    their original order, changes the dead process had applied; a write is excused when it
+    happened after such a kill and the stream holds a record of that address, at or above the
+    commit, that explains it.
+    """
+    segment_of = {list_ids[d.name]: d.segment_id for d in dests}
+    by_change: dict[tuple[str, str], list[Sent]] = defaultdict(list)
+    for s in sent:
+        r = s.record
+        if r.invalid is None and r.email is not None and r.segment_id:
+            by_change[(r.segment_id, r.email)].append(s)
+
+    def replayed(at: float, segment: str, email: str, match: Callable[[Produced], bool]) -> bool:
+        for replay in replays:
+            if at < replay.after:
+                continue
+            for s in by_change[(segment, email)]:
+                if (
+                    s.partition in replay.partitions
+                    and s.offset >= replay.committed.get(s.partition, 0)
+                    and match(s.record)
+                ):
+                    return True
+        return False
+
+    problems: Counter[str] = Counter()
+    latest: dict[tuple[str, str], int] = {}
+    for w in writes:
+        if not w.applied or w.list_id not in segment_of:
+            continue
+        segment = segment_of[w.list_id]
+        key = (w.list_id, w.email)
+        current = latest.get(key)
+        if w.endpoint in ("import", "add"):
+            version = int(dict(w.fields)[VERSION])
+            if (
+                current is not None
+                and version < current
+                and not replayed(w.at, segment, w.email, lambda r, v=version: r.occurred_at_ms == v)
+            ):
+                problems["an add older than one applied before"] += 1
+            latest[key] = version if current is None else max(current, version)
+        elif current is not None:
+            newer_exit = [
+                s.record.occurred_at_ms
+                for s in by_change[(segment, w.email)]
+                if not s.record.entered and s.record.occurred_at_ms > current
+            ]
+            if not newer_exit and not replayed(w.at, segment, w.email, lambda r: not r.entered):
+                problems["a removal older than the add it undid"] += 1
+    return [f"{n} × {what}" for what, n in problems.items()]
+
+
+@dataclass
+class Repeats:
+    rows: int = 0  # import rows carrying a (list, address, Version) applied before
+    removals: int = 0  # removal calls beyond one per distinct exit event of the address
+    total_rows: int = 0
+    total_removals: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rows} of {self.total_rows} import rows and {self.removals} of "
+            f"{self.total_removals} removal calls were repeats"
+        )
+
+
+def repeated_writes(
+    writes: Iterable[AppliedWrite],
+    sent: Iterable[Sent],
+    dests: Sequence[Dest],
+    list_ids: Mapping[str, str],
+) -> Repeats:
+    """Writes beyond the first application of the same change, from the simulator's log.
+
+    An import row is a repeat when its (list, address, Version) was applied before. A removal
+    call carries no version: calls for an address beyond the number of distinct exit events of
+    that address count as repeats (a lower bound; without faults the service sends at most one
+    removal per exit event, fewer when it coalesces).
+    """
+    out = Repeats()
+    segment_of = {list_ids[d.name]: d.segment_id for d in dests}
+    exits: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for s in sent:
+        r = s.record
+        if r.invalid is None and r.email is not None and r.segment_id and not r.entered:
+            exits[(r.segment_id, r.email)].add(r.occurred_at_ms)
+    rows_seen: set[tuple[str, str, str | None]] = set()
+    calls: Counter[tuple[str, str]] = Counter()
+    for w in writes:
+        if w.endpoint in ("import", "add"):
+            out.total_rows += 1
+            row = (w.list_id, w.email, dict(w.fields).get(VERSION))
+            if row in rows_seen:
+                out.rows += 1
+            rows_seen.add(row)
+        else:
+            out.total_removals += 1
+            calls[(w.list_id, w.email)] += 1
+    for (list_id, email), n in calls.items():
+        distinct = len(exits[(segment_of.get(list_id, ""), email)])
+        out.removals += max(0, n - distinct)
+    return out
+
+
+async def unpaced_requests(sim: Simulator, proc: ServiceProcess, since: float = 0.0) -> float:
+    """API requests the simulator received beyond those the service's client sent and
+    observed (`cmsync_api_requests_total`; every one of those took a limiter slot, except the
+    paged consent listings, which take one per page). `since`: the service's count when the
+    simulator's counters were last reset. Call when no request is in flight."""
+    seen = (await proc.metrics()).value("cmsync_api_requests_total") - since
+    received = sum(sum(by_status.values()) for by_status in sim.request_counts().values())
+    return received - seen
+
+
+def peak_per_window(times: Sequence[float], window_s: float = 1.0) -> int:
+    """Most requests in any half-open window [t, t + window_s) (sliding over arrivals)."""
+    ordered = sorted(times)
+    best = 0
+    start = 0
+    for end, t in enumerate(ordered):
+        while ordered[start] <= t - window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+async def sample_rss(proc: ServiceProcess, into: list[int], every_s: float = 0.1) -> None:
+    """Append the process's resident size every `every_s` until it exits or the task is
+    cancelled."""
+    while proc.alive():
+        with contextlib.suppress(psutil.Error):
+            into.append(proc.rss())
+        await asyncio.sleep(every_s)
+
+
+def rng_for(name: str) -> random.Random:
+    """A seeded RNG per scenario: kill moments and fault mixes are reproducible."""
+    return random.Random(f"{name}-{os.environ.get('CMSYNC_FAULTS_SEED', '1')}")

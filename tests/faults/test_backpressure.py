@@ -1,0 +1,114 @@
+"""Scenario 6 — backpressure: a large backlog waits, Campaign Monitor is slow, and
+CMSYNC_MAX_PENDING is tiny.
+
+Guarantee 4 (bounded): memory is bounded by CMSYNC_MAX_PENDING; past it, intake pauses and
+resumes. The backlog (~90 MB: records of ~6 KB, a profile with a long unmapped field) is
+produced before the service starts, the simulator delays every request, and the service may
+hold 500 pending changes. The resident size of the service process is sampled every 100 ms
+(psutil); its growth over the size at start-up must stay under `BOUND` — a generous bound:
+without backpressure the same backlog grows the process by about 130 MiB (measured; `make
+chaos` runs that comparison), with it by about 40 MiB, which is not the 500 changes but
+fixed costs: aiokafka's fetch buffers (the bundled broker answers a fetch with ~5 MB per
+partition) and one fetch of up to 5000 records taken before the pause applies. Intake must
+have paused and resumed (the `intake_paused` / `intake_resumed` log lines), and at the end
+nothing is lost: the list matches and every record is committed.
+
+The test has a broker of its own, stopped afterwards: the backlog would otherwise stay in the
+memory of the session's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from consumer.campaign_monitor.simulator import FaultConfig, SimulatorConfig
+from consumer.embedded_broker import EmbeddedBroker
+from consumer.synthetic import Produced
+from tests.faults.support import (
+    API_KEY,
+    CHAOS,
+    Dest,
+    FaultRig,
+    change,
+    note,
+    sample_rss,
+    scaled,
+)
+
+MiB = 1024 * 1024
+BOUND = 64 * MiB
+
+
+def backlog(n: int) -> list[Produced]:
+    notes = "n" * 6000  # an unmapped profile field: it travels in the record, not to the list
+    return [
+        change(f"member{i}@example.com", at_ms=1_764_417_600_000 + i, extra={"notes": notes})
+        for i in range(n)
+    ]
+
+
+async def run_backlog(
+    bootstrap: str, tmp: Path, records: list[Produced], max_pending: int
+) -> tuple[int, int, int, int, float]:
+    """(RSS at start-up, peak RSS, pauses, resumes, seconds) of one service draining the
+    backlog."""
+    faults = FaultConfig(latency_s=0.1, p_latency=1.0)
+    config = SimulatorConfig(api_keys=(API_KEY,), seed=6, faults=faults)
+    env = {"CMSYNC_MAX_PENDING": str(max_pending), "CMSYNC_RATE_LIMIT_RPS": "20"}
+    dests = [Dest("news", "seg-a")]
+    async with FaultRig(bootstrap, tmp, dests=dests, sim_config=config, env=env) as rig:
+        await rig.produce(records)
+        proc = rig.spawn(f"pending-{max_pending}")
+        samples: list[int] = []
+        sampler = asyncio.create_task(sample_rss(proc, samples))
+        await rig.wait_for(lambda: bool(proc.events("started")), 60, "start-up", [proc])
+        at_start = max(samples, default=proc.rss())
+        started = time.monotonic()
+        await rig.wait_all_committed(scaled(120, 300), [proc])
+        took = time.monotonic() - started
+        proc.terminate()
+        assert await proc.wait(30) == 0, proc.tail()
+        sampler.cancel()
+        assert rig.list_problems() == {}
+        assert len(rig.members("news")) == len(records)
+        pauses = len(proc.events("intake_paused"))
+        resumes = len(proc.events("intake_resumed"))
+        return at_start, max(samples), pauses, resumes, took
+
+
+@pytest.mark.slow(28)
+async def test_tiny_max_pending_bounds_memory(tmp_path: Path) -> None:
+    records = backlog(scaled(15_000, 30_000))
+    backlog_bytes = sum(len(r.value) for r in records)
+    broker = EmbeddedBroker()
+    await asyncio.to_thread(broker.start)
+    try:
+        at_start, peak, pauses, resumes, took = await run_backlog(
+            broker.bootstrap, tmp_path, records, max_pending=500
+        )
+        growth = peak - at_start
+        note(
+            f"backpressure: backlog {len(records)} records ({backlog_bytes / MiB:.0f} MiB), "
+            f"CMSYNC_MAX_PENDING 500, simulator 0.1 s a request: drained in {took:.1f} s; RSS "
+            f"{at_start / MiB:.0f} MiB at start-up, peak {peak / MiB:.0f} MiB "
+            f"(+{growth / MiB:.1f} MiB, bound +{BOUND / MiB:.0f} MiB); intake paused "
+            f"{pauses}×, resumed {resumes}×"
+        )
+        assert pauses >= 1, "intake never paused"
+        assert resumes >= 1, "intake never resumed"
+        assert growth < BOUND, f"memory grew by {growth / MiB:.0f} MiB"
+        if CHAOS:
+            at_start, peak, pauses, _, took = await run_backlog(
+                broker.bootstrap, tmp_path, records, max_pending=200_000
+            )
+            note(
+                f"backpressure, same backlog with CMSYNC_MAX_PENDING 200000: drained in "
+                f"{took:.1f} s; peak RSS {peak / MiB:.0f} MiB "
+                f"(+{(peak - at_start) / MiB:.1f} MiB); intake paused {pauses}×"
+            )
+    finally:
+        await asyncio.to_thread(broker.stop)
