@@ -1,0 +1,98 @@
+"""`make bench`: every scenario in one run, then a summary of every figure with its target.
+
+``python -m bench [--only intake,export,churn,scaleout,freshness] [--skip …]``; sizes come from
+each scenario's settings (its ``--help``; environment variables ``CMSYNC_BENCH_*``). Scenario 5
+(memory) is measured during scenario 2 (``export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from bench import churn, export, freshness, intake, scaleout
+from bench.common import Result, machine, print_result, print_summary, report
+
+Runner = Callable[[argparse.Namespace], Awaitable[list[Result]]]
+
+
+async def _intake(a: argparse.Namespace) -> list[Result]:
+    return [await intake.run(a.events, a.rounds, a.profile)]
+
+
+async def _export(a: argparse.Namespace) -> list[Result]:
+    return await export.run(a.profiles, a.rate)
+
+
+async def _churn(a: argparse.Namespace) -> list[Result]:
+    return [await churn.run(a.events, a.profiles, a.lists, a.floor_time, a.exit_share)]
+
+
+async def _scaleout(a: argparse.Namespace) -> list[Result]:
+    return [await scaleout.run(a.profiles, a.rate, a.instances)]
+
+
+async def _freshness(a: argparse.Namespace) -> list[Result]:
+    return [await freshness.run(a.per_second, a.duration, a.rate, a.flush_interval)]
+
+
+SCENARIOS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Runner]] = {
+    "intake": (intake.add_arguments, _intake),
+    "export": (export.add_arguments, _export),
+    "churn": (churn.add_arguments, _churn),
+    "scaleout": (scaleout.add_arguments, _scaleout),
+    "freshness": (freshness.add_arguments, _freshness),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--only", default="", help="comma-separated scenarios to run (default: all)")
+    p.add_argument("--skip", default="", help="comma-separated scenarios to leave out")
+    args = p.parse_args(argv)
+    chosen = [s for s in args.only.split(",") if s] or list(SCENARIOS)
+    skipped = {s for s in args.skip.split(",") if s}
+    unknown = (set(chosen) | skipped) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
+    facts = machine()
+    print(
+        f"cmsync benchmarks on {facts['nproc']} CPUs ({facts['cpu']}), Python {facts['python']}, "
+        f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
+    started = time.monotonic()
+    results: list[Result] = []
+    failed: list[str] = []
+    for key in chosen:
+        if key in skipped:
+            continue
+        add_arguments, runner = SCENARIOS[key]
+        scenario_parser = argparse.ArgumentParser()
+        add_arguments(scenario_parser)
+        print(f"\n-- running {key} …", flush=True)
+        try:
+            produced = asyncio.run(runner(scenario_parser.parse_args([])))
+        except Exception as exc:  # one broken scenario must not hide the others' figures
+            print(f"   {key} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            failed.append(key)
+            continue
+        for result in produced:
+            print_result(result)
+        results.extend(produced)
+    print_summary(results)
+    missed = [f"{r.key}: {f.name}" for r in results for f in r.figures if f.met is False]
+    print(f"\ntargets missed: {len(missed)}" + "".join(f"\n   {m}" for m in missed))
+    if failed:
+        print(f"scenarios that failed to run: {', '.join(failed)}")
+    print(f"make bench wall time: {time.monotonic() - started:.0f} s")
+    report(results, "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,722 @@
+"""What the scenarios share: figures and their table/JSON, machine facts, fast producing, the
+service as a subprocess (with memory sampling), and the simulator with apply-time recording.
+
+Clocks: every time a scenario reports is taken in the bench process with `time.monotonic()`
+(the producer's acknowledgements and the simulator's handlers both run here), so start and end
+of an interval come from the same clock. Freshness uses wall time (`time.time()`), because
+``occurred_at`` is wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+
+from consumer.campaign_monitor.simulator import Simulator, SimulatorConfig, serve
+from consumer.synthetic import CITIES, INTERESTS, TIERS, event_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LATEST = RESULTS_DIR / "latest.json"
+LOGS_DIR = RESULTS_DIR / "logs"
+API_KEY = "bench-api-key-not-a-secret"
+MIB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@dataclass
+class Figure:
+    """One measured figure. ``met`` is None for figures without a target (context)."""
+
+    name: str
+    value: float | int | str | None
+    unit: str = ""
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Result:
+    """One scenario's outcome: its figures, the settings it ran with, and notes."""
+
+    key: str
+    title: str
+    figures: list[Figure] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    wall_s: float = 0.0
+    load_before: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def add(self, *figures: Figure) -> None:
+        self.figures.extend(figures)
+
+    def finish(self, started: float) -> Result:
+        self.wall_s = round(time.monotonic() - started, 1)
+        self.load_after = os.getloadavg()
+        return self
+
+
+def at_most(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value <= limit
+
+
+def at_least(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value >= limit
+
+
+def _show(value: float | int | str | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and value > 99):
+        text = f"{int(value):,}"
+    elif abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {unit}".rstrip()
+
+
+def _load(load: Sequence[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
+
+
+def print_result(result: Result) -> None:
+    """The scenario's table: every figure, its target, and whether it was met."""
+    width = max([len(f.name) for f in result.figures] + [30])
+    print()
+    print(f"== {result.title}")
+    print(f"   {'figure':<{width}}  {'value':>16}  {'target':<14} status")
+    for f in result.figures:
+        status = "" if f.met is None else ("met" if f.met else "MISSED")
+        line = f"   {f.name:<{width}}  {_show(f.value, f.unit):>16}  {f.target:<14} {status}"
+        print(line.rstrip() + (f"   ({f.note})" if f.note else ""))
+    print(
+        f"   scenario wall time {result.wall_s:.0f} s; load average 1/5/15 min "
+        f"{_load(result.load_before)} before, {_load(result.load_after)} after "
+        f"({os.cpu_count()} CPUs)"
+    )
+    for note in result.notes:
+        print(f"   note: {note}")
+    sys.stdout.flush()
+
+
+def print_summary(results: Sequence[Result]) -> None:
+    """Every figure that has a target, one line each."""
+    print("\nsummary: every figure with a target")
+    for result in results:
+        for f in result.figures:
+            if f.met is None:
+                continue
+            status = "met" if f.met else "MISSED"
+            scenario = f"{result.title.split('.')[0]}. {result.key}"
+            value = _show(f.value, f.unit)
+            print(f"   {scenario:<14} {f.name:<52} {value:>12}  {f.target:<10} {status}")
+    sys.stdout.flush()
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+    }
+
+
+def write_results(results: Iterable[Result], command: str) -> Path:
+    """Merge the results into bench/results/latest.json (a scenario run alone replaces only
+    its own entry; each entry carries its own start time) and return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        document = json.loads(LATEST.read_text())
+    scenarios = document.get("scenarios", {})
+    for result in results:
+        scenarios[result.key] = asdict(result)
+    document.update(
+        {
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": command,
+            "machine": machine(),
+            "scenarios": scenarios,
+        }
+    )
+    LATEST.write_text(json.dumps(document, indent=2) + "\n")
+    return LATEST
+
+
+def report(results: list[Result], command: str) -> None:
+    path = write_results(results, command)
+    print(f"\nfigures written to {path}")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value.replace("_", "")) if value else default
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description)
+
+
+# --------------------------------------------------------------------------- events
+
+
+def profile_of(i: int, *, version: int = 0) -> dict[str, object]:
+    """A realistic profile (the fields the demo's generator uses), deterministic in `i`."""
+    n = i * 2654435761 + version * 40503
+    return {
+        "id": f"cust-{i}",
+        "email": f"user{i}@example.com",
+        "full_name": f"Customer {i}",
+        "city": CITIES[n % len(CITIES)] if n % 20 else None,
+        "tier": TIERS[(n >> 3) % len(TIERS)],
+        "interests": [INTERESTS[(n >> 5) % len(INTERESTS)]] if n % 3 else [],
+        "lifetime_value": round((n % 500_000) / 100, 2),
+    }
+
+
+def event_id(seed: int, i: int) -> str:
+    """A UUID-shaped, unique, deterministic event id."""
+    h = zlib.crc32(i.to_bytes(8, "little"), seed) << 96 | i
+    x = f"{h:032x}"[-32:]
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def membership_event(
+    i: int,
+    *,
+    segment_id: str,
+    entered: bool,
+    occurred_at_ms: int,
+    seed: int = 0,
+    serial: int | None = None,
+    version: int = 0,
+) -> tuple[bytes, bytes]:
+    """(Kafka key, value) of one native v1 event for profile `i`: the bytes `synthetic`'s
+    generator makes (same encoder), without its per-stream timeline."""
+    profile = profile_of(i, version=version)
+    value = event_bytes(
+        event_id=event_id(seed, i if serial is None else serial),
+        segment_id=segment_id,
+        entered=entered,
+        occurred_at_ms=occurred_at_ms,
+        profile=profile,
+    )
+    return str(profile["id"]).encode(), value
+
+
+# --------------------------------------------------------------------------- kafka
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """Same key, same partition (what the contract needs). crc32, not the Java client's murmur2:
+    aiokafka's murmur2 is pure Python and would dominate the time to produce a million records."""
+    return zlib.crc32(key) % partitions
+
+
+@dataclass
+class Produced:
+    """What a `produce` call wrote: per partition the offset after its last record, the number
+    of records, and when the first and the last batch were acknowledged (monotonic)."""
+
+    ends: dict[int, int]
+    records: int
+    first_ack: float
+    last_ack: float
+    started: float
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    records: Iterable[tuple[bytes, bytes]],
+    *,
+    batch_bytes: int = 1 << 20,
+) -> Produced:
+    """Produce as fast as the broker takes it: whole record batches (`send_batch`), keyed.
+
+    End offsets come from the acknowledgements (base offset + records of the batch): the
+    bundled broker answers ListOffsets wrongly.
+    """
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_batch_size=batch_bytes, linger_ms=0
+    )
+    await producer.start()
+    ends: dict[int, int] = {}
+    acks: list[float] = []
+    count = 0
+    started = time.monotonic()
+
+    def acknowledged(partition: int, size: int) -> Callable[[asyncio.Future[Any]], None]:
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            acks.append(time.monotonic())
+            end = future.result().offset + size
+            ends[partition] = max(ends.get(partition, 0), end)
+
+        return done
+
+    try:
+        builders = {p: producer.create_batch() for p in range(partitions)}
+        futures: list[asyncio.Future[Any]] = []
+
+        async def send(partition: int) -> None:
+            batch = builders[partition]
+            future = await producer.send_batch(batch, topic, partition=partition)
+            future.add_done_callback(acknowledged(partition, batch.record_count()))
+            futures.append(future)
+            builders[partition] = producer.create_batch()
+
+        for key, value in records:
+            p = partition_of(key, partitions)
+            if builders[p].append(key=key, value=value, timestamp=None) is None:
+                await send(p)
+                builders[p].append(key=key, value=value, timestamp=None)
+            count += 1
+        for p in range(partitions):
+            if builders[p].record_count():
+                await send(p)
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return Produced(ends, count, min(acks, default=started), max(acks, default=started), started)
+
+
+async def produce_paced(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    per_second: float,
+    duration_s: float,
+    make: Callable[[int, int], tuple[bytes, bytes]],
+) -> Produced:
+    """A steady stream: ``make(n, now_ms)`` builds record n, stamped with the wall time it is
+    sent at; records go out in 10 ms ticks, each acknowledged by the broker."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    ends: dict[int, int] = {}
+    futures: list[asyncio.Future[Any]] = []
+    n = 0
+    started = time.monotonic()
+    try:
+        tick = 0.01
+        while True:
+            elapsed = time.monotonic() - started
+            if elapsed >= duration_s:
+                break
+            due = min(int(elapsed * per_second) + 1, int(duration_s * per_second))
+            while n < due:
+                key, value = make(n, int(time.time() * 1000))
+                futures.append(
+                    await producer.send(
+                        topic, key=key, value=value, partition=partition_of(key, partitions)
+                    )
+                )
+                n += 1
+            await asyncio.sleep(tick)
+        metas = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    for meta in metas:
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    return Produced(ends, n, started, time.monotonic(), started)
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def destinations_toml(destinations: Iterable[tuple[str, str, str]]) -> str:
+    """(name, segment_id, list_id) → a destinations file with the demo's field mapping."""
+    parts = []
+    for name, segment_id, list_id in destinations:
+        parts.append(
+            f"""[[destination]]
+name = "{name}"
+segment_id = "{segment_id}"
+list_id = "{list_id}"
+email_field = "email"
+name_field = "full_name"
+removal = "delete"
+resubscribe = "deleted-only"
+consent_to_track = "Unchanged"
+
+[destination.custom_fields]
+City = "city"
+Tier = "tier"
+Interests = "interests"
+"""
+        )
+    return "\n".join(parts)
+
+
+def service_env(
+    *,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    base_url: str,
+    destinations_file: Path,
+    rate_limit_rps: float,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of one `cmsync run` (defaults for everything not named)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CMSYNC_")}
+    env.update(
+        {
+            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "CMSYNC_KAFKA_TOPIC": topic,
+            "CMSYNC_DLQ_TOPIC": f"{topic}.dlq",
+            "CMSYNC_KAFKA_GROUP_ID": group,
+            "CMSYNC_CM_BASE_URL": base_url,
+            "CMSYNC_CM_API_KEY": API_KEY,
+            "CMSYNC_DESTINATIONS_FILE": str(destinations_file),
+            "CMSYNC_RATE_LIMIT_RPS": f"{rate_limit_rps:g}",
+            "CMSYNC_LOG_LEVEL": "info",
+            **extra,
+        }
+    )
+    return env
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+class ServiceProcess:
+    """`python -m consumer run` as a child process: readiness, /metrics, memory, SIGTERM.
+
+    Resident memory is sampled with psutil every `sample_s` (100 ms) from start to exit.
+    """
+
+    def __init__(self, env: dict[str, str], log_name: str, *, sample_s: float = 0.1) -> None:
+        self.port = free_port()
+        self.env = {**env, "CMSYNC_HTTP_PORT": str(self.port)}
+        LOGS_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOGS_DIR / f"{log_name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.sample_s = sample_s
+        self.rss: list[tuple[float, int]] = []  # (monotonic, bytes)
+        self._sampler: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - only forks; waits go to a thread
+            [sys.executable, "-m", "consumer", "run"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._sampler = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        assert self.process is not None
+        proc = psutil.Process(self.process.pid)
+        with contextlib.suppress(psutil.Error):
+            while self.process.poll() is None:
+                self.rss.append((time.monotonic(), proc.memory_info().rss))
+                await asyncio.sleep(self.sample_s)
+
+    def peak_rss(self, since: float = 0.0) -> int | None:
+        values = [rss for t, rss in self.rss if t >= since]
+        return max(values) if values else None
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"the service exited with code {self.process.returncode}; log tail:\n{tail}"
+            )
+
+    async def ready(self) -> str | None:
+        """The /readyz reason when ready, else None."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.url}/readyz") as response:
+                body = await response.json()
+                return str(body.get("reason")) if response.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    async def wait_joined(self, timeout_s: float = 90.0) -> float:
+        """Until /readyz says "joined" (the group join is done); returns that moment."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if await self.ready() == "joined":
+                return time.monotonic()
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"the service did not join within {timeout_s} s ({self.log_path})")
+
+    async def metrics(self) -> Samples:
+        """/metrics as {sample name: [(labels, value)]}."""
+        assert self._session is not None
+        async with self._session.get(f"{self.url}/metrics") as response:
+            text = await response.text()
+        out: Samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, []).append((sample.labels, sample.value))
+        return out
+
+    async def stop(self, timeout_s: float = 40.0) -> int | None:
+        """SIGTERM (graceful drain), then wait; SIGKILL if it overstays."""
+        code: int | None = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                code = await asyncio.to_thread(self.process.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = await asyncio.to_thread(self.process.wait, 5)
+        if self._sampler is not None:
+            await self._sampler
+        if self._session is not None:
+            await self._session.close()
+        return code
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels`."""
+    return sum(
+        value
+        for sample_labels, value in samples.get(name, [])
+        if all(sample_labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def committed_offsets(samples: Samples, topic: str) -> dict[int, int]:
+    return {
+        int(labels["partition"]): int(value)
+        for labels, value in samples.get("cmsync_committed_offset", [])
+        if labels.get("topic") == topic
+    }
+
+
+def histogram_quantile(samples: Samples, name: str, q: float) -> float | None:
+    """Prometheus-style quantile (linear within a bucket) of a histogram summed over labels."""
+    buckets: dict[float, float] = {}
+    for labels, value in samples.get(f"{name}_bucket", []):
+        le = float(labels["le"])
+        buckets[le] = buckets.get(le, 0.0) + value
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    count = buckets[bounds[-1]]
+    if count == 0:
+        return None
+    rank = q * count
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        cumulative = buckets[bound]
+        if cumulative >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, cumulative
+    return lower
+
+
+async def wait_for(
+    condition: Callable[[], Any],
+    *,
+    timeout_s: float,
+    every_s: float = 0.5,
+    what: str = "condition",
+    alive: Sequence[ServiceProcess] = (),
+) -> None:
+    """Poll an (async or sync) condition until true; fail if a service died or time ran out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for service in alive:
+            service.check_alive()
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(every_s)
+
+
+# --------------------------------------------------------------------------- this process
+
+
+@contextlib.asynccontextmanager
+async def quiet_collector(every_s: float = 1.0) -> AsyncIterator[None]:
+    """Keep this process's cyclic GC from stalling the simulator.
+
+    This process plays Campaign Monitor; its heap grows with the simulated lists (a million
+    subscribers) and, in some scenarios, the generated records kept for the expected state.
+    A full collection of such a heap stops the simulator's event loop for up to a second,
+    after which the queued requests arrive at its rate limiter in a burst (spurious 429s) and
+    the service's requests wait (lost rate slots). Real Campaign Monitor does neither, so
+    everything alive is moved out of the collector's sight (`gc.freeze`) every `every_s`;
+    young garbage is still collected, and the frozen objects are given back at the end.
+    """
+
+    async def freeze() -> None:
+        while True:
+            gc.freeze()
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(freeze())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        gc.unfreeze()
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- the simulator
+
+
+WRITE_ENDPOINTS = frozenset({"import", "add", "delete", "unsubscribe"})
+
+
+class RecordingSimulator(Simulator):
+    """The simulator, noting when each write request was handled (monotonic, in this process)
+    and, when asked, the wall time at which each address was written."""
+
+    def __init__(self, config: SimulatorConfig, *, per_address: bool = False) -> None:
+        super().__init__(config)
+        self.writes: list[tuple[float, str]] = []  # (monotonic after applying, endpoint)
+        self.per_address = per_address
+        self.address_writes: list[tuple[float, str, str]] = []  # (wall, endpoint, address)
+
+    async def _handle(  # type: ignore[override]  # same signature; mypy does not check bench
+        self, endpoint: str, request: Any, lst: Any, state: int, now: float
+    ) -> tuple[int, bytes | None]:
+        try:
+            return await super()._handle(endpoint, request, lst, state, now)
+        finally:  # a write answered with an error (e.g. Code 203, not in list) is done too
+            if endpoint in WRITE_ENDPOINTS:
+                self.writes.append((time.monotonic(), endpoint))
+                if self.per_address:
+                    wall = time.time()
+                    for address in await _addresses(endpoint, request):
+                        self.address_writes.append((wall, endpoint, address))
+
+    def requests(self) -> int:
+        return sum(sum(by_status.values()) for by_status in self.request_counts().values())
+
+    def throttled(self) -> int:
+        return sum(by_status.get("429", 0) for by_status in self.request_counts().values())
+
+    def by_endpoint(self) -> dict[str, int]:
+        return {e: sum(by_status.values()) for e, by_status in self.request_counts().items()}
+
+    def active(self, list_id: str) -> int:
+        return int(self.state.lists[list_id].stats()["TotalActiveSubscribers"])
+
+    def last_write(self) -> float | None:
+        return self.writes[-1][0] if self.writes else None
+
+
+async def _addresses(endpoint: str, request: Any) -> list[str]:
+    if endpoint == "delete":
+        return [str(request.query.get("email", "")).strip().lower()]
+    body = orjson.loads(await request.read())
+    if endpoint == "import":
+        return [str(row.get("EmailAddress", "")).strip().lower() for row in body["Subscribers"]]
+    return [str(body.get("EmailAddress", "")).strip().lower()]
+
+
+@contextlib.asynccontextmanager
+async def simulator(
+    rate_limit_rps: float | None, lists: int, *, per_address: bool = False
+) -> AsyncIterator[tuple[RecordingSimulator, str, list[str]]]:
+    """A recording simulator over HTTP with `lists` OnlyThisList lists of our API key.
+
+    ``CMSYNC_BENCH_RATE_HEADERS=0`` turns its X-RateLimit-* headers off (a diagnostic: how much
+    of a delivery scenario's time the service's reading of those headers costs).
+    """
+    sim = RecordingSimulator(
+        SimulatorConfig(
+            api_keys=(API_KEY,),
+            rate_limit_rps=rate_limit_rps,
+            rate_headers=os.environ.get("CMSYNC_BENCH_RATE_HEADERS", "1") != "0",
+            seed=1,
+        ),
+        per_address=per_address,
+    )
+    list_ids = [
+        sim.add_list(title=f"bench-{n}", unsubscribe_setting="OnlyThisList", api_key=API_KEY)
+        for n in range(lists)
+    ]
+    async with serve(sim) as base_url:
+        yield sim, base_url, list_ids
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
