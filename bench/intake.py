@@ -13,6 +13,9 @@ reference, service, …) after one untimed warm-up read, and the best pass of ea
 (interference on a shared machine only ever slows a pass down). A third loop that only
 decodes and validates shows how much of the budget the JSON parse and the JSON Schema take.
 
+``CMSYNC_BENCH_GC_THRESHOLDS=a,b,c`` (a diagnostic, off by default) runs the service passes
+with `gc.set_threshold(a, b, c)` instead of Python's defaults, which `cmsync run` uses.
+
 The clock of a pass starts before its first `getmany` (consumer started, partition assigned,
 positioned at the beginning) and stops after the last record was handled.
 """
@@ -25,6 +28,7 @@ import contextlib
 import cProfile
 import gc
 import io
+import os
 import pstats
 import sys
 import tempfile
@@ -130,6 +134,10 @@ async def service_pass(
     settings = load_settings(env)
     service = Service(settings)
     gc_clock = GcClock()
+    thresholds = gc.get_threshold()
+    tuned = os.environ.get("CMSYNC_BENCH_GC_THRESHOLDS")  # diagnostic, e.g. "50000,20,10"
+    if tuned:
+        gc.set_threshold(*(int(x) for x in tuned.split(",")))
     profile_text = ""
     async with aiohttp.ClientSession() as session:
         service._build_routes(session)  # the real routes and buffers; flushers not started
@@ -154,6 +162,7 @@ async def service_pass(
                     break
                 await asyncio.sleep(0.05)
         finally:
+            gc.set_threshold(*thresholds)
             await service._dlq.stop()
             with contextlib.suppress(Exception):
                 await service.source.stop()
