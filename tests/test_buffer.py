@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections import Counter
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -397,16 +398,154 @@ def test_memory_remembers_per_destination_and_key() -> None:
     assert len(memory) == 2
 
 
-def test_memory_evicts_least_recently_used() -> None:
+def clock_state(memory: AppliedMemory) -> tuple[list[int], list[int], list[int], int]:
+    """The ring (hashes, packed values, reference bits, in slot order) and the hand, after
+    checking that the index maps every remembered hash to its ring slot and nothing else."""
+    index, keys, mask, n = memory._index, memory._keys, memory._mask, len(memory)
+    assert n <= memory.capacity
+    assert sorted(slot for slot in index if slot >= 0) == list(range(n))  # no tombstones
+    for i, slot in enumerate(index):
+        if slot >= 0:  # reachable from its home: no empty slot between (linear probing)
+            j = keys[slot] & mask
+            while j != i:
+                assert index[j] >= 0
+                j = (j + 1) & mask
+    return list(keys[:n]), list(memory._vals[:n]), list(memory._ref[:n]), memory._hand
+
+
+class ClockModel:
+    """Textbook CLOCK, kept obviously correct: a list as the ring, dicts for values and bits."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.ring: list[int] = []
+        self.values: dict[int, int] = {}
+        self.ref: dict[int, int] = {}
+        self.hand = 0
+
+    def get(self, hashed: int) -> int | None:
+        if hashed in self.values:
+            self.ref[hashed] = 1
+        return self.values.get(hashed)
+
+    def remember(self, hashed: int, packed: int) -> None:
+        if not self.capacity:
+            return
+        if hashed in self.values:
+            if self.values[hashed] >> 1 <= packed >> 1:
+                self.values[hashed] = packed
+            self.ref[hashed] = 1
+            return
+        if len(self.ring) < self.capacity:
+            self.ring.append(hashed)
+        else:
+            while self.ref[self.ring[self.hand]]:  # second chance
+                self.ref[self.ring[self.hand]] = 0
+                self.hand = (self.hand + 1) % self.capacity
+            evicted = self.ring[self.hand]
+            del self.values[evicted], self.ref[evicted]
+            self.ring[self.hand] = hashed
+            self.hand = (self.hand + 1) % self.capacity
+        self.values[hashed] = packed
+        self.ref[hashed] = 0
+
+    def state(self) -> tuple[list[int], list[int], list[int], int]:
+        ring = self.ring
+        return ring, [self.values[h] for h in ring], [self.ref[h] for h in ring], self.hand
+
+
+def test_memory_evicts_with_clock() -> None:
+    memory = AppliedMemory(3)
+    for key in "abc":
+        memory.remember("d", key, 1, True)
+    assert memory.get("d", "a") == (1, True)  # touches a
+    memory.remember("d", "d", 1, True)  # the hand passes a (clearing its bit), evicts b
+    assert memory.get("d", "b") is None
+    memory.remember("d", "e", 1, True)  # c: untouched, next after b's slot
+    assert memory.get("d", "c") is None
+    memory.remember("d", "f", 1, True)  # a: its second chance is spent, not touched since
+    assert memory.get("d", "a") is None
+    assert [memory.get("d", key) is not None for key in "def"] == [True, True, True]
+    assert len(memory) == 3
+
+
+def test_memory_remember_touches_and_a_full_turn_evicts_where_the_hand_was() -> None:
     memory = AppliedMemory(2)
     memory.remember("d", "a", 1, True)
     memory.remember("d", "b", 1, True)
-    assert memory.get("d", "a") is not None  # a read refreshes a
-    memory.remember("d", "c", 1, True)  # evicts b
-    assert memory.get("d", "b") is None
-    assert memory.get("d", "a") is not None
-    assert memory.get("d", "c") is not None
-    assert len(memory) == 2
+    memory.remember("d", "b", 2, False)  # touches b
+    memory.remember("d", "c", 1, True)  # a is untouched: evicted first, b kept
+    assert (memory.get("d", "a"), memory.get("d", "b")) == (None, (2, False))
+    assert memory.get("d", "c") == (1, True)  # now every bit is set
+    memory.remember("d", "x", 1, True)  # the hand clears both, comes back to b's slot
+    assert (memory.get("d", "b"), memory.get("d", "c")) == (None, (1, True))
+    assert memory.get("d", "x") == (1, True)
+
+
+def test_memory_keys_by_hash_zero_included_and_collisions_in_the_index() -> None:
+    memory = AppliedMemory(4)  # 8 index slots: these hashes share homes 0 and 7
+    hashes = [0, 8, -8, 7, 15]
+    for n, hashed in enumerate(hashes):
+        memory._remember_packed(hashed, 2 * n)
+    assert memory._get_packed(1) is None
+    assert [memory._get_packed(h) for h in hashes] == [None, 2, 4, 6, 8]  # 0 was evicted
+    memory._remember_packed(0, 10)
+    assert [memory._get_packed(h) for h in hashes] == [10, None, 4, 6, 8]
+    clock_state(memory)
+
+
+def test_memory_out_of_range_time_raises_and_is_not_remembered() -> None:
+    memory = AppliedMemory(2)
+    memory.remember("d", "a", 1, True)
+    for key in ("a", "b"):  # an update, a new pair with room left
+        with pytest.raises(OverflowError):
+            memory.remember("d", key, 2**62, True)
+    memory.remember("d", "c", 1, True)
+    with pytest.raises(OverflowError):  # a new pair that would evict
+        memory.remember("d", "b", -(2**62) - 1, True)
+    assert [memory.get("d", key) for key in "abc"] == [(1, True), None, (1, True)]
+    clock_state(memory)
+
+
+# Hashes that share home slots (mod 8 and mod 16), wrap round the end of the index, and the
+# extremes; plus arbitrary ones.
+COLLIDING = (0, 1, 7, 8, 15, 16, 17, 23, 31, 32, -1, -8, -16, 2**63 - 1, -(2**63))
+hashes = st.sampled_from(COLLIDING) | st.integers(-(2**63), 2**63 - 1)
+times = st.integers(0, 3) | st.integers(-(2**62), 2**62 - 1)
+operations = st.lists(
+    st.tuples(st.booleans(), hashes, times, st.booleans()), max_size=80
+)  # (remember?, hash, occurred_at_ms, entered)
+
+
+@settings(max_examples=400)
+@given(capacity=st.integers(0, 6), operations=operations)
+def test_memory_matches_a_clock_model(
+    capacity: int, operations: list[tuple[bool, int, int, bool]]
+) -> None:
+    memory, model = AppliedMemory(capacity), ClockModel(capacity)
+    for remember, hashed, at, entered in operations:
+        if remember:
+            memory._remember_packed(hashed, at * 2 + entered)
+            model.remember(hashed, at * 2 + entered)
+        else:
+            assert memory._get_packed(hashed) == model.get(hashed)
+        assert clock_state(memory) == model.state()
+        assert len(memory) <= capacity
+
+
+def test_memory_long_run_keeps_the_index_clean() -> None:
+    rng = random.Random(7)
+    memory, model = AppliedMemory(500), ClockModel(500)
+    for _ in range(20_000):
+        known = model.ring and rng.random() < 0.4
+        hashed = rng.choice(model.ring) if known else rng.getrandbits(64) - 2**63
+        if rng.random() < 0.5:
+            packed = rng.randrange(100)
+            memory._remember_packed(hashed, packed)
+            model.remember(hashed, packed)
+        else:
+            assert memory._get_packed(hashed) == model.get(hashed)
+    assert clock_state(memory) == model.state()
 
 
 def test_disabled_memory_remembers_nothing(feed: Feed) -> None:
