@@ -339,3 +339,89 @@ def test_details_of_broken_bytes_never_quote_them(before: bytes, after: bytes) -
     assume(isinstance(result, Invalid))
     assert isinstance(result, Invalid)
     assert SENTINEL not in result.detail
+
+
+# --- the fast path -------------------------------------------------------------------------------
+# `decode_fields` tries msgspec structs first and asks the strict path (orjson + the compiled
+# schema) whatever they decline. The fast path must never accept what the strict path refuses,
+# nor read an event differently: it either declines (None) or gives the strict path's answer.
+
+
+def _fast_agrees_with_strict(value: bytes) -> bool:
+    fast = events._decode_fast(value)
+    return fast is None or fast == events._decode_strict(value)
+
+
+@PROFILE
+@given(valid_events())
+def test_fast_path_reads_valid_events_as_the_strict_path_does(
+    generated: tuple[dict[str, Any], MembershipChange],
+) -> None:
+    value = orjson.dumps(generated[0])
+    assert _fast_agrees_with_strict(value)
+
+
+@PROFILE
+@given(near_valid_events())
+def test_fast_path_never_accepts_what_the_strict_path_refuses(event: dict[str, Any]) -> None:
+    value = orjson.dumps(event)
+    assert _fast_agrees_with_strict(value)
+    if events._decode_fast(value) is not None:
+        assert ORACLE.is_valid(event)
+
+
+@PROFILE
+@given(bad_timestamps)
+def test_fast_path_timestamps(stamp: str) -> None:
+    for event in (
+        {"event_id": "e", "segment_id": "s", "change": "exited", "occurred_at": stamp},
+        {
+            "specversion": "1.0",
+            "type": "segment.membership.changed",
+            "source": "/cdp",
+            "id": "e",
+            "time": stamp,
+            "data": {"segment_id": "s", "change": "exited"},
+        },
+    ):
+        body = event.get("data", event)
+        assert isinstance(body, dict)
+        body["profile"] = {"id": "p"}
+        assert _fast_agrees_with_strict(orjson.dumps(event))
+
+
+def test_fast_path_takes_the_common_forms_and_declines_the_rest() -> None:
+    native = {
+        "event_id": "e",
+        "segment_id": "s",
+        "change": "entered",
+        "occurred_at": "2026-11-29T16:21:36.666Z",
+        "profile": {"id": "p", "email": "a@example.com", "tags": ["x"], "n": 1.5, "b": None},
+    }
+    cloud = {
+        "specversion": "1.0",
+        "type": "segment.membership.changed",
+        "source": "/cdp",
+        "id": "e",
+        "time": "2026-11-29T16:21:36.666Z",
+        "datacontenttype": "application/json",
+        "data": {k: native[k] for k in ("segment_id", "change", "profile")},
+    }
+    expected = events._decode_strict(orjson.dumps(native))
+    assert not isinstance(expected, Invalid)
+    assert events._decode_fast(orjson.dumps(native)) == expected
+    assert events._decode_fast(orjson.dumps(cloud)) == expected
+    declined = [
+        b"\xef\xbb\xbf" + orjson.dumps(native),  # a byte order mark: the strict path strips it
+        orjson.dumps({**native, "occurred_at": "2026-11-29t16:21:36z"}),  # valid, unusual form
+        orjson.dumps({**native, "occurred_at": "2026-02-30T16:21:36Z"}),  # no such day
+        orjson.dumps({**native, "specversion": "1.0"}),  # a native event may not carry it
+        orjson.dumps({**native, "profile": {"email": "a@example.com"}}),  # no id
+        orjson.dumps({**native, "profile": {"id": "p", "nested": {"a": 1}}}),
+        orjson.dumps({**cloud, "datacontenttype": "text/plain"}),
+        # a lone surrogate escape: orjson refuses it, so msgspec must not let it through
+        orjson.dumps(native).replace(b'"p"', b'"\\ud800"'),
+    ]
+    for value in declined:
+        assert events._decode_fast(value) is None, value
+    assert events.decode_fields(declined[0]) == expected
