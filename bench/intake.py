@@ -52,7 +52,7 @@ from bench.common import (
     report,
 )
 from consumer import observability as obs
-from consumer.app import Service
+from consumer.app import Service, tune_garbage_collector
 from consumer.demo import DESTINATIONS, SEGMENTS
 from consumer.embedded_broker import create_topics, running_broker
 from consumer.events import decode_fields
@@ -135,7 +135,8 @@ async def service_pass(
     service = Service(settings)
     gc_clock = GcClock()
     thresholds = gc.get_threshold()
-    tuned = os.environ.get("CMSYNC_BENCH_GC_THRESHOLDS")  # diagnostic, e.g. "50000,20,10"
+    tune_garbage_collector()  # as Service.run does once the service has started
+    tuned = os.environ.get("CMSYNC_BENCH_GC_THRESHOLDS")  # diagnostic, e.g. "700,10,10"
     if tuned:
         gc.set_threshold(*(int(x) for x in tuned.split(",")))
     profile_text = ""
@@ -163,6 +164,7 @@ async def service_pass(
                 await asyncio.sleep(0.05)
         finally:
             gc.set_threshold(*thresholds)
+            gc.unfreeze()
             await service._dlq.stop()
             with contextlib.suppress(Exception):
                 await service.source.stop()

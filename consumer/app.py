@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,7 +34,7 @@ from consumer.buffer import AppliedMemory, Change, DestinationBuffer, Offered, P
 from consumer.campaign_monitor.client import ApiKey, CampaignMonitorClient
 from consumer.deadletter import DeadLetter, DeadLetterQueue
 from consumer.events import Invalid, decode_fields, parse_email
-from consumer.flusher import ApiChannel, DestinationFlusher, RawRecord
+from consumer.flusher import REMOVAL_BATCH_SIZE, ApiChannel, DestinationFlusher
 from consumer.offsets import OffsetTracker
 from consumer.ratelimit import AimdRateLimiter
 from consumer.settings import ConfigError, Destination, Settings, load_settings
@@ -49,6 +50,20 @@ CLOSE_TIMEOUT_S: Final = 10.0
 EXIT_RESERVE_S: Final = 1.5
 #: Longest wait for the revoked partitions' changes to be flushed during a rebalance.
 REVOKE_BUDGET_S: Final = 20.0
+#: Thresholds of the cyclic garbage collector while the service runs (Python's are 700, 10, 10).
+#: The buffers hold up to CMSYNC_MAX_PENDING changes, and at Python's defaults collections of
+#: the young generations ran so often, and full ones traversed so many live entries, that the
+#: collector took over half of the intake time (bench/intake.py). The service makes no
+#: reference cycles on its hot path, so collecting less often frees the same memory, later.
+GC_THRESHOLDS: Final = (50_000, 50, 100)
+
+
+def tune_garbage_collector() -> None:
+    """Freeze what start-up allocated (modules, clients, settings: alive for the whole run, so
+    no collection should traverse it again) and collect the young generations less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass(slots=True)
@@ -104,7 +119,12 @@ class Service:
                 channel = ApiChannel(dest.api_key_env, client, limiter)
                 client.observer = channel.observe
                 self._channels[dest.api_key_env] = channel
-            buffer = DestinationBuffer(dest.name, self.applied, flush_interval_s=s.flush_interval_s)
+            buffer = DestinationBuffer(
+                dest.name,
+                self.applied,
+                flush_interval_s=s.flush_interval_s,
+                max_removals=REMOVAL_BATCH_SIZE,
+            )
             flusher = DestinationFlusher(
                 destination=dest,
                 buffer=buffer,
@@ -128,10 +148,11 @@ class Service:
         """Decode, validate, route and buffer one fetched batch of one partition.
 
         The hot path (measured by bench/intake.py): per record one `decode_fields`, one
-        `parse_email` per distinct email field of its destinations, one `Change` and one
-        `offer` per destination. Metrics are counted here and added once per batch: a labelled
-        `inc` costs more than decoding an event. Nothing in here awaits, so waking a flusher at
-        the end of the batch is as prompt as waking it when its import filled up.
+        `tracker.track`, one `parse_email` per distinct email field of its destinations, one
+        `Change` and one `offer` per destination. Metrics are counted here and added once per
+        batch: a labelled `inc` costs more than decoding an event. Nothing in here awaits, so
+        waking a flusher at the end of the batch is as prompt as waking it when its import
+        filled up.
         """
         now = time.monotonic()
         tracker = self.tracker
@@ -163,73 +184,36 @@ class Service:
                 track(partition, offset, 0)
                 skipped += 1
                 continue
-            if len(targets) == 1:  # the common case, without the lists below
-                field, offer, name = targets[0]
-                raw = profile.get(field)
-                address = parse_email(raw)
-                if address is not None:
-                    track(partition, offset, 1)
-                    position = (partition, offset)
-                    seq += 1
-                    outcome, done = offer(
-                        Change(
-                            address,
-                            entered,
-                            occurred_at_ms,
-                            seq,
-                            event_id,
-                            RawRecord(record.key, value or b"", partition, offset),
-                            position,
-                        ),
-                        now,
-                    )
-                    if outcome is not new:
-                        if outcome is late_outcome:
-                            late += 1
-                            for pos in done:
-                                release(*pos)
-                        elif outcome is duplicate_outcome:
-                            duplicate += 1
-                        else:
-                            coalesced[name] = coalesced.get(name, 0) + 1
-                    continue
-            offers: list[tuple[str, Callable[..., tuple[Offered, list[Position]]], str]] = []
-            rejects: list[tuple[str, str, str]] = []  # (code, email field, destination)
+            # One hold per destination: each is released when its change is applied (or
+            # superseded, or late), or when its dead letter is acknowledged.
+            track(partition, offset, len(targets))
+            position = (partition, offset)
+            payload = (record.key, value)  # a RawRecord: decoded, so the value is bytes
             last_field: str | None = None
             address = raw = None
             for field, offer, name in targets:
-                if field != last_field:
+                if field != last_field:  # destinations fed by one segment mostly share it
                     raw = profile.get(field)
                     address = parse_email(raw)
                     last_field = field
                 if address is None:
                     code = "missing_email" if raw is None else "invalid_email"
-                    rejects.append((code, field, name))
-                else:
-                    offers.append((address, offer, name))
-            track(partition, offset, len(offers) + len(rejects))
-            if offers:
-                payload = RawRecord(record.key, value or b"", partition, offset)
-                position = (partition, offset)
-                for address, offer, name in offers:
-                    seq += 1
-                    change = Change(
-                        address, entered, occurred_at_ms, seq, event_id, payload, position
-                    )
-                    outcome, done = offer(change, now)
-                    if outcome is not new:
-                        if outcome is late_outcome:
-                            late += 1
-                            for pos in done:
-                                release(*pos)
-                        elif outcome is duplicate_outcome:
-                            duplicate += 1
-                        else:
-                            coalesced[name] = coalesced.get(name, 0) + 1
-            for code, field, name in rejects:
-                invalid_reasons[code] = invalid_reasons.get(code, 0) + 1
-                detail = f"profile field {field!r} is missing or not an email address"
-                self._dead_letter(record, partition, code, detail, name)
+                    invalid_reasons[code] = invalid_reasons.get(code, 0) + 1
+                    detail = f"profile field {field!r} is missing or not an email address"
+                    self._dead_letter(record, partition, code, detail, name)
+                    continue
+                seq += 1
+                change = Change(address, entered, occurred_at_ms, seq, event_id, payload, position)
+                outcome, done = offer(change, now)
+                if outcome is not new:
+                    if outcome is late_outcome:
+                        late += 1
+                        for pos in done:
+                            release(*pos)
+                    elif outcome is duplicate_outcome:
+                        duplicate += 1
+                    else:
+                        coalesced[name] = coalesced.get(name, 0) + 1
         self._seq = seq
         for targets_of_segment in routes.values():
             for route in targets_of_segment:
@@ -246,15 +230,6 @@ class Service:
             obs.events_skipped.labels(reason="duplicate").inc(duplicate)
         for name, n in coalesced.items():
             obs.changes_coalesced.labels(destination=name).inc(n)
-
-    @staticmethod
-    def _count_coalesced(destination: str, outcome: Offered) -> None:
-        if outcome is Offered.LATE:
-            obs.events_skipped.labels(reason="late").inc()
-        elif outcome is Offered.DUPLICATE:
-            obs.events_skipped.labels(reason="duplicate").inc()
-        else:
-            obs.changes_coalesced.labels(destination=destination).inc()
 
     def _dead_letter(
         self,
@@ -353,6 +328,7 @@ class Service:
             self._build_routes(self._session)
             await self._dlq.start()
             await self.source.start()
+            tune_garbage_collector()
             log.info(
                 "started",
                 destinations=[d.name for d in self.settings.destinations],

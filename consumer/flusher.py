@@ -57,19 +57,34 @@ BACKOFF_CAP_S: Final = 30.0
 STALL_RETRY_S: Final = 60.0
 #: Removal calls of one batch that may be in flight at once (the limiter still paces them).
 REMOVAL_CONCURRENCY: Final = 8
+#: Removals per batch, and removal batches of one destination in flight at once (all of
+#: them while draining). Few: a removal taken into flight can no longer be cancelled by a
+#: re-entry, and when the key's rate is the bottleneck a taken removal may wait long for its
+#: slot. Kept in the buffer instead, an exit and its re-entry coalesce into one import row.
+REMOVAL_BATCH_SIZE: Final = 25
+REMOVAL_BATCHES_IN_FLIGHT: Final = 1
+#: Calls of one destination under way at once, retries and their backoff included: with
+#: imports and removals sent independently, this keeps an outage from multiplying the retries.
+CALLS_IN_FLIGHT: Final = 4
+#: Place in the rate limiter's line (lower first): an import carries up to 1000 changes.
+IMPORT_PRIORITY: Final = 0
+REMOVAL_PRIORITY: Final = 1
 #: Page size of the member listings read for the consent policy (the API's maximum).
 LISTING_PAGE_SIZE: Final = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """What a buffer entry keeps of its event: the original bytes (for the dead-letter topic and
-    to rebuild the row at flush time, which keeps memory per pending change small)."""
+#: What a buffer entry keeps of its event as the change's payload: the record's original key
+#: and value (for the dead-letter topic, and to rebuild the row at flush time, which keeps
+#: memory per pending change small); its partition and offset are the change's position. A
+#: plain tuple of bytes, which the cyclic garbage collector stops tracking: hundreds of thousands
+#: of them sit in the buffers, and every tracked one is traversed again at each full collection.
+RawRecord = tuple[bytes | None, bytes]
 
-    key: bytes | None
-    value: bytes
-    partition: int
-    offset: int
+
+def _raw(entry: Entry) -> RawRecord:
+    record = entry.change.payload
+    assert isinstance(record, tuple)
+    return record
 
 
 class ApiChannel:
@@ -125,24 +140,43 @@ class DestinationFlusher:
     _protected_at: float | None = None
     _last_stall_log: float = float("-inf")
     _rng: random.Random = field(default_factory=random.Random)
+    _calls: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CALLS_IN_FLIGHT))
 
     # ---------------------------------------------------------------- loop
 
     async def run(self) -> None:
-        """Flush forever: take due batches, keep up to `max_batches_in_flight` of them going."""
+        """Flush forever: take due batches, keep up to `max_batches_in_flight` imports and
+        `REMOVAL_BATCHES_IN_FLIGHT` removal batches going (`max_batches_in_flight` while
+        draining). The two kinds do not wait for each other: slow single removals must not
+        hold back an import that carries a thousand changes."""
         name = self.destination.name
         structlog.contextvars.bind_contextvars(destination=name)
         obs.destination_up.labels(destination=name).set(1)
-        slots = asyncio.Semaphore(self.max_batches_in_flight)
+        going = [0, 0]  # in flight: [removal batches, imports]
+        limit = self.max_batches_in_flight
+
+        def finished(kind: int) -> Callable[[asyncio.Task[None]], None]:
+            def callback(_task: asyncio.Task[None]) -> None:
+                going[kind] -= 1
+                self.wakeup.set()
+
+            return callback
+
         async with asyncio.TaskGroup() as tasks:
             while True:
                 now = self.clock()
                 obs.pending_changes.labels(destination=name).set(
                     self.buffer.pending() + self.buffer.in_flight()
                 )
-                batch = self.buffer.take(now, force=self.draining)
+                adds = going[1] < limit
+                removals = going[0] < (limit if self.draining else REMOVAL_BATCHES_IN_FLIGHT)
+                batch = None
+                if adds or removals:
+                    batch = self.buffer.take(now, force=self.draining, adds=adds, removals=removals)
                 if batch is None:
-                    delay = self.buffer.next_due(now)
+                    delay = None
+                    if adds or removals:
+                        delay = self.buffer.next_due(now, adds=adds, removals=removals)
                     self.wakeup.clear()
                     timeout = 1.0 if delay is None else min(max(delay, 0.01), 1.0)
                     with contextlib.suppress(TimeoutError):
@@ -151,11 +185,14 @@ class DestinationFlusher:
                 if batch.late:  # a newer change was applied meanwhile: nothing to send for these
                     obs.events_skipped.labels(reason="late").inc(len(batch.late))
                     self.release(batch.released())
-                if not (batch.adds or batch.removals):
-                    continue
-                await slots.acquire()
-                task = tasks.create_task(self._flush(batch))
-                task.add_done_callback(lambda _t: slots.release())
+                if batch.adds:
+                    going[1] += 1
+                    task = tasks.create_task(self._flush(Batch(batch.adds, [])))
+                    task.add_done_callback(finished(1))
+                if batch.removals:
+                    going[0] += 1
+                    task = tasks.create_task(self._flush(Batch([], batch.removals)))
+                    task.add_done_callback(finished(0))
 
     def drain(self) -> None:
         """From now on send everything buffered without waiting for the flush interval."""
@@ -243,7 +280,8 @@ class DestinationFlusher:
             result = await self._call(
                 lambda: self.channel.client.import_subscribers(
                     dest.list_id, rows, resubscribe=resubscribe
-                )
+                ),
+                priority=IMPORT_PRIORITY,
             )
         except (RecordRejected, RequestInvalid) as exc:
             # The whole import was refused for a reason retrying cannot fix: keep the records.
@@ -263,9 +301,7 @@ class DestinationFlusher:
         return len(applied), sum(map(len, failed.values())) + len(undecodable)
 
     def _row(self, entry: Entry) -> SubscriberRow | None:
-        record = entry.change.payload
-        assert isinstance(record, RawRecord)
-        event = decode(record.value)
+        event = decode(_raw(entry)[1])
         if not isinstance(event, MembershipChange):
             return None
         return build_row(self.destination, entry.change.key, event.profile)
@@ -334,7 +370,7 @@ class DestinationFlusher:
                 members = aiter(client.members(list_id, state, page_size=LISTING_PAGE_SIZE))
                 for n in itertools.count():
                     if n % LISTING_PAGE_SIZE == 0:  # the next member may need a page request
-                        await self.channel.limiter.acquire(self.clock)
+                        await self.channel.limiter.acquire(self.clock, priority=IMPORT_PRIORITY)
                     try:
                         member = await anext(members)
                     except StopAsyncIteration:
@@ -347,23 +383,35 @@ class DestinationFlusher:
 
     # requests -------------------------------------------------------------------------------
 
-    async def _call(self, request: Callable[[], Awaitable[T]], *, paced: bool = True) -> T:
+    async def _call(
+        self,
+        request: Callable[[], Awaitable[T]],
+        *,
+        paced: bool = True,
+        priority: int = REMOVAL_PRIORITY,
+    ) -> T:
         """One logical request, retried until it succeeds or fails for a reason retrying
         cannot fix. RateLimited and TransientError retry (the limiter already slowed down on
         the 429); DestinationFatal stalls the destination and retries once a minute;
         RecordRejected / RequestInvalid go back to the caller."""
+        async with self._calls:
+            return await self._attempt(request, paced=paced, priority=priority)
+
+    async def _attempt(
+        self, request: Callable[[], Awaitable[T]], *, paced: bool, priority: int
+    ) -> T:
         attempt = 0
         name = self.destination.name
         while True:
             if paced:
-                await self.channel.limiter.acquire(self.clock)
+                await self.channel.limiter.acquire(self.clock, priority=priority)
             try:
                 result = await request()
             except RateLimited:
                 obs.retries.labels(destination=name, reason="rate_limited").inc()
                 attempt += 1
                 if not paced:
-                    await self.channel.limiter.acquire(self.clock)
+                    await self.channel.limiter.acquire(self.clock, priority=priority)
                 continue
             except TransientError as exc:
                 obs.retries.labels(destination=name, reason="transient").inc()
@@ -407,15 +455,15 @@ class DestinationFlusher:
         self, entries: Sequence[Entry], error: str, detail: str, cm_code: int | None
     ) -> None:
         for entry in entries:
-            record = entry.change.payload
-            assert isinstance(record, RawRecord)
+            key, value = _raw(entry)
+            partition, offset = entry.change.position
             await self.dlq.send(
                 DeadLetter(
-                    key=record.key,
-                    value=record.value,
+                    key=key,
+                    value=value,
                     error=error,
                     detail=detail,
-                    source=f"{self.source_topic}/{record.partition}/{record.offset}",
+                    source=f"{self.source_topic}/{partition}/{offset}",
                     destination=self.destination.name,
                     cm_code=cm_code,
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, Protocol
 
@@ -123,6 +124,12 @@ class Source:
             obs.paused_partitions.set(len(assigned))
             log.info("intake_paused", pending=pending, limit=self._high_water)
         elif self._paused and pending <= self._low_water:
+            # Pausing made aiokafka drop the records it had fetched but not handed out, in
+            # reference cycles (a record iterator and its generator) that hold the whole fetch
+            # response (up to one fetch's worth per partition). Only the cyclic collector
+            # frees them, and the service runs it rarely (app.GC_THRESHOLDS): without this, the
+            # tests/faults backpressure scenario grew by 130 MiB instead of 50. Once per pause.
+            gc.collect()
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
             obs.paused_partitions.set(0)
