@@ -21,7 +21,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict consumer
+	$(BIN)/mypy --strict consumer bench
 
 unit: venv
 	$(BIN)/pytest -q -n 4

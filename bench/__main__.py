@@ -12,40 +12,14 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from bench import churn, export, freshness, intake, scaleout
-from bench.common import Result, machine, print_result, print_summary, report
+from bench.common import Result, Scenario, machine, print_result, print_summary, report
 
-Runner = Callable[[argparse.Namespace], Awaitable[list[Result]]]
-
-
-async def _intake(a: argparse.Namespace) -> list[Result]:
-    return [await intake.run(a.events, a.rounds, a.profile)]
-
-
-async def _export(a: argparse.Namespace) -> list[Result]:
-    return await export.run(a.profiles, a.rate)
-
-
-async def _churn(a: argparse.Namespace) -> list[Result]:
-    return [await churn.run(a.events, a.profiles, a.lists, a.floor_time, a.exit_share)]
-
-
-async def _scaleout(a: argparse.Namespace) -> list[Result]:
-    return [await scaleout.run(a.profiles, a.rate, a.instances)]
-
-
-async def _freshness(a: argparse.Namespace) -> list[Result]:
-    return [await freshness.run(a.per_second, a.duration, a.rate, a.flush_interval)]
-
-
-SCENARIOS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Runner]] = {
-    "intake": (intake.add_arguments, _intake),
-    "export": (export.add_arguments, _export),
-    "churn": (churn.add_arguments, _churn),
-    "scaleout": (scaleout.add_arguments, _scaleout),
-    "freshness": (freshness.add_arguments, _freshness),
+SCENARIOS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Scenario]] = {
+    module.__name__.removeprefix("bench."): (module.add_arguments, module.scenario)
+    for module in (intake, export, churn, scaleout, freshness)
 }
 
 

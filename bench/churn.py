@@ -18,7 +18,6 @@ first acknowledgement to the last list change applied.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import random
 import sys
@@ -33,15 +32,14 @@ from bench.common import (
     at_most,
     committed_offsets,
     destinations_toml,
+    endpoints,
     env_float,
     env_int,
     event_id,
-    parser,
-    print_result,
     produce,
     profile_of,
     quiet_collector,
-    report,
+    script,
     service_env,
     simulator,
     wait_for,
@@ -201,7 +199,7 @@ async def run(
             f"removals {sum(r for _, r in floors.values())}",
         ),
         Figure("permitted rate (service and simulator)", rate, "requests/s"),
-        Figure("requests sent", requests, note=_endpoints(sim.by_endpoint())),
+        Figure("requests sent", requests, note=endpoints(sim.by_endpoint())),
         Figure("requests / floor", requests / floor, "×", "≤ 1.10", at_most(requests / floor, 1.1)),
         Figure("floor time", floor / rate, "s", "60–120 s", 60 <= floor / rate <= 120),
         Figure("time: first event available → last change applied", elapsed, "s"),
@@ -238,10 +236,6 @@ async def run(
     return result.finish(started)
 
 
-def _endpoints(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--events",
@@ -267,16 +261,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+async def scenario(args: argparse.Namespace) -> list[Result]:
+    return [await run(args.events, args.profiles, args.lists, args.floor_time, args.exit_share)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser("python -m bench.churn", "Scenario 3: churn against the fewest requests.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    result = asyncio.run(
-        run(args.events, args.profiles, args.lists, args.floor_time, args.exit_share)
+    return script(
+        "python -m bench.churn",
+        "Scenario 3: churn against the fewest requests.",
+        add_arguments,
+        scenario,
+        argv,
     )
-    print_result(result)
-    report([result], "python -m bench.churn " + " ".join(argv or sys.argv[1:]))
-    return 0
 
 
 if __name__ == "__main__":

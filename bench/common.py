@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,6 +187,32 @@ def write_results(results: Iterable[Result], command: str) -> Path:
 def report(results: list[Result], command: str) -> None:
     path = write_results(results, command)
     print(f"\nfigures written to {path}")
+
+
+#: A scenario as `python -m bench` and its own script run it: parsed arguments in, results out.
+Scenario = Callable[[argparse.Namespace], Coroutine[Any, Any, list[Result]]]
+
+
+def script(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    scenario: Scenario,
+    argv: list[str] | None,
+) -> int:
+    """The `main` of a scenario's own script: parse, run, print, write the JSON."""
+    p = parser(prog, description)
+    add_arguments(p)
+    results = asyncio.run(scenario(p.parse_args(argv)))
+    for result in results:
+        print_result(result)
+    report(results, f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+def endpoints(counts: dict[str, int]) -> str:
+    """Requests per endpoint, for a figure's note."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
 # --------------------------------------------------------------------------- settings
@@ -653,7 +679,7 @@ class RecordingSimulator(Simulator):
         self.per_address = per_address
         self.address_writes: list[tuple[float, str, str]] = []  # (wall, endpoint, address)
 
-    async def _handle(  # type: ignore[override]  # same signature; mypy does not check bench
+    async def _handle(
         self, endpoint: str, request: Any, lst: Any, state: int, now: float
     ) -> tuple[int, bytes | None]:
         try:

@@ -33,14 +33,13 @@ from bench.common import (
     at_most,
     committed_offsets,
     destinations_toml,
+    endpoints,
     env_float,
     env_int,
     membership_event,
-    parser,
-    print_result,
     produce,
     quiet_collector,
-    report,
+    script,
     service_env,
     simulator,
     total,
@@ -222,7 +221,7 @@ def export_results(
     floor_time = run.floor_time_s
     export.add(
         Figure("fewest requests (floor)", run.floor_requests),
-        Figure("requests sent", run.requests, note=_endpoints(run.by_endpoint)),
+        Figure("requests sent", run.requests, note=endpoints(run.by_endpoint)),
         Figure(
             "requests / floor",
             run.requests / run.floor_requests,
@@ -268,10 +267,6 @@ def export_results(
     return export, memory
 
 
-def _endpoints(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profiles",
@@ -303,15 +298,18 @@ async def run(profiles: int, rate: float) -> list[Result]:
     return list(export_results(delivery, export, memory, started))
 
 
+async def scenario(args: argparse.Namespace) -> list[Result]:
+    return await run(args.profiles, args.rate)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser("python -m bench.export", __doc__.splitlines()[0] if __doc__ else "")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    results = asyncio.run(run(args.profiles, args.rate))
-    for result in results:
-        print_result(result)
-    report(results, "python -m bench.export " + " ".join(argv or sys.argv[1:]))
-    return 0
+    return script(
+        "python -m bench.export",
+        __doc__.splitlines()[0] if __doc__ else "",
+        add_arguments,
+        scenario,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ design (sending one early forfeits coalescing), so p99 sits just above the inter
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
 import tempfile
@@ -35,11 +34,9 @@ from bench.common import (
     env_int,
     histogram_quantile,
     membership_event,
-    parser,
-    print_result,
     produce_paced,
     quiet_collector,
-    report,
+    script,
     service_env,
     simulator,
     wait_for,
@@ -211,14 +208,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+async def scenario(args: argparse.Namespace) -> list[Result]:
+    return [await run(args.per_second, args.duration, args.rate, args.flush_interval)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser("python -m bench.freshness", "Scenario 6: freshness at a steady rate.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    result = asyncio.run(run(args.per_second, args.duration, args.rate, args.flush_interval))
-    print_result(result)
-    report([result], "python -m bench.freshness " + " ".join(argv or sys.argv[1:]))
-    return 0
+    return script(
+        "python -m bench.freshness",
+        "Scenario 6: freshness at a steady rate.",
+        add_arguments,
+        scenario,
+        argv,
+    )
 
 
 if __name__ == "__main__":

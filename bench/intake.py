@@ -46,10 +46,8 @@ from bench.common import (
     at_least,
     destinations_toml,
     env_int,
-    parser,
-    print_result,
     produce,
-    report,
+    script,
 )
 from consumer import observability as obs
 from consumer.app import Service, tune_garbage_collector
@@ -293,14 +291,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+async def scenario(args: argparse.Namespace) -> list[Result]:
+    return [await run(args.events, args.rounds, args.profile)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser("python -m bench.intake", "Scenario 1: intake throughput against a bare loop.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    result = asyncio.run(run(args.events, args.rounds, args.profile))
-    print_result(result)
-    report([result], "python -m bench.intake " + " ".join(argv or sys.argv[1:]))
-    return 0
+    return script(
+        "python -m bench.intake",
+        "Scenario 1: intake throughput against a bare loop.",
+        add_arguments,
+        scenario,
+        argv,
+    )
 
 
 if __name__ == "__main__":

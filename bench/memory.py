@@ -7,22 +7,20 @@ same run as scenario 2.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from bench import export
-from bench.common import parser, print_result, report
+from bench.common import script
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("python -m bench.memory", "Scenario 5: peak memory during scenario 2.")
-    export.add_arguments(p)
-    args = p.parse_args(argv)
-    results = asyncio.run(export.run(args.profiles, args.rate))
-    for result in results:
-        print_result(result)
-    report(results, "python -m bench.memory " + " ".join(argv or sys.argv[1:]))
-    return 0
+    return script(
+        "python -m bench.memory",
+        "Scenario 5: peak memory during scenario 2.",
+        export.add_arguments,
+        export.scenario,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ change applied.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 
-from bench.common import MIB, Figure, Result, at_most, env_float, env_int, parser, print_result
-from bench.common import report as write_report
+from bench.common import MIB, Figure, Result, at_most, env_float, env_int, script
 from bench.export import DeliveryRun, delivery_run
 
 
@@ -90,14 +88,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=2, help="service processes (default 2)")
 
 
+async def scenario(args: argparse.Namespace) -> list[Result]:
+    return [await run(args.profiles, args.rate, args.instances)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser("python -m bench.scaleout", "Scenario 4: two processes sharing one API key.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    result = asyncio.run(run(args.profiles, args.rate, args.instances))
-    print_result(result)
-    write_report([result], "python -m bench.scaleout " + " ".join(argv or sys.argv[1:]))
-    return 0
+    return script(
+        "python -m bench.scaleout",
+        "Scenario 4: two processes sharing one API key.",
+        add_arguments,
+        scenario,
+        argv,
+    )
 
 
 if __name__ == "__main__":
