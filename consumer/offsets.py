@@ -11,31 +11,62 @@ committed for a partition is
 so a commit never moves past an event that is not durable yet, whatever order the holds are
 released in (buffers flush in their own order; one partition feeds many destinations).
 
-Every operation is O(1) amortised: per partition a dict ``offset -> unreleased holds`` holds the
-pending offsets, and a deque keeps them in arrival (= increasing) order; offsets that became
-durable are popped from the front of the deque lazily, so each offset is appended and popped once.
+Compact, because a partition can have hundreds of thousands of offsets pending (up to
+``CMSYNC_MAX_PENDING``): per partition, two parallel arrays hold every offset tracked since the
+oldest pending one, in increasing order, and its unreleased holds (0 once durable): 12 bytes an
+offset, no Python object per offset. Offsets that became durable are dropped from the front
+lazily, so each offset is appended and dropped once. An offset is found by its distance from the
+front, which is exact while the offsets run without gaps (every record is tracked, so only
+compaction and transaction markers make gaps); otherwise by binary search. ``track``,
+``outstanding`` and ``committable`` are O(1) amortised, ``release`` O(1) without gaps.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
+from bisect import bisect_left
 
 __all__ = ["OffsetTracker"]
 
+#: Durable offsets kept at the front before the arrays are compacted (and at least half).
+_COMPACT_AFTER = 4096
+
 
 class _Partition:
-    __slots__ = ("holds", "last", "order", "outstanding")
+    __slots__ = ("counts", "head", "last", "offsets", "outstanding")
 
     def __init__(self) -> None:
-        self.holds: dict[int, int] = {}  # pending offset -> unreleased holds (always > 0)
-        self.order: deque[int] = deque()  # pending offsets, increasing; front popped lazily
+        # offsets[i] (increasing) has counts[i] unreleased holds; entries before `head` are
+        # durable and wait to be cut off. Empty when nothing is pending.
+        self.offsets = array("q")
+        self.counts = array("i")
+        self.head = 0
         self.last = -1  # highest offset tracked
-        self.outstanding = 0  # sum of self.holds.values()
+        self.outstanding = 0  # sum of self.counts
+
+    def index(self, offset: int) -> int:
+        """Where ``offset`` is in ``offsets`` (from ``head`` on), or -1."""
+        offsets, head = self.offsets, self.head
+        if head == len(offsets) or offset < offsets[head] or offset > self.last:
+            return -1
+        i = head + offset - offsets[head]  # exact when there is no gap before it
+        if i < len(offsets) and offsets[i] == offset:
+            return i
+        i = bisect_left(offsets, offset, head)
+        return i if i < len(offsets) and offsets[i] == offset else -1
 
     def drop_durable_front(self) -> None:
-        order, holds = self.order, self.holds
-        while order and order[0] not in holds:
-            order.popleft()
+        offsets, counts = self.offsets, self.counts
+        head, end = self.head, len(offsets)
+        while head < end and not counts[head]:
+            head += 1
+        if head == end:  # nothing pending: start afresh
+            del offsets[:], counts[:]
+            head = 0
+        elif head > _COMPACT_AFTER and head * 2 > end:
+            del offsets[:head], counts[:head]
+            head = 0
+        self.head = head
 
 
 class OffsetTracker:
@@ -79,9 +110,9 @@ class OffsetTracker:
                 f"after {part.last}"
             )
         part.last = offset
-        if holds:
-            part.holds[offset] = holds
-            part.order.append(offset)
+        if holds or part.head < len(part.offsets):  # kept while anything is pending: no gaps
+            part.offsets.append(offset)
+            part.counts.append(holds)
             part.outstanding += holds
             self._outstanding += holds
 
@@ -95,10 +126,10 @@ class OffsetTracker:
         part = self._parts.get(partition)
         if part is None:
             return
-        count = part.holds.get(offset)
-        if count is None:
+        i = part.index(offset)
+        if i < 0 or not part.counts[i]:
             raise ValueError(f"offset {offset} of partition {partition} is not pending")
-        part.holds[offset] = count + 1
+        part.counts[i] += 1
         part.outstanding += 1
         self._outstanding += 1
 
@@ -107,16 +138,17 @@ class OffsetTracker:
         part = self._parts.get(partition)
         if part is None:
             return
-        count = part.holds.get(offset)
-        if count is None:
+        i = part.index(offset)
+        if i < 0:
             return
+        counts = part.counts
+        count = counts[i]
+        if not count:
+            return
+        counts[i] = count - 1
         part.outstanding -= 1
         self._outstanding -= 1
-        if count > 1:
-            part.holds[offset] = count - 1
-            return
-        del part.holds[offset]
-        if part.order[0] == offset:
+        if count == 1 and i == part.head:
             part.drop_durable_front()
 
     def committable(self, partition: int) -> int | None:
@@ -129,7 +161,7 @@ class OffsetTracker:
         if part is None:
             return None
         part.drop_durable_front()
-        return part.order[0] if part.order else part.last + 1
+        return part.offsets[part.head] if part.head < len(part.offsets) else part.last + 1
 
     def outstanding(self) -> int:
         """Total unreleased holds over all partitions (O(1))."""

@@ -7,6 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from consumer import offsets as offsets_module
 from consumer.offsets import OffsetTracker
 
 
@@ -113,10 +114,38 @@ def test_released_front_does_not_accumulate() -> None:
     for offset in range(10_000):
         tracker.track(0, offset, 1)
         tracker.release(0, offset)
-    # Popped as the front is released, even if nobody asks for the committable offset: the
-    # pending queue does not grow with offsets that are durable already.
-    assert len(tracker._parts[0].order) == 0
+    # Dropped as the front is released, even if nobody asks for the committable offset: the
+    # pending arrays do not grow with offsets that are durable already.
+    assert len(tracker._parts[0].offsets) == 0
     assert tracker.committable(0) == 10_000
+
+
+def test_a_long_pending_run_is_compacted_and_found_across_gaps() -> None:
+    tracker = OffsetTracker()
+    tracker.track(0, 0, 1)  # held for the whole test: everything after it stays in the arrays
+    offsets = [o for o in range(1, 40_000) if o % 997]  # gaps, as compaction leaves them
+    for offset in offsets:
+        tracker.track(0, offset, 2)
+    *released, kept = offsets
+    for offset in released[::2]:
+        tracker.release(0, offset)
+        tracker.release(0, offset)
+    tracker.release(0, 0)
+    assert tracker.committable(0) == offsets[1]
+    for offset in released[1::2]:
+        tracker.release(0, offset)
+        tracker.release(0, offset)
+    # One offset is pending at the end: the durable front was cut off, not kept (at most
+    # _COMPACT_AFTER durable offsets wait before the arrays are compacted).
+    assert len(tracker._parts[0].offsets) <= offsets_module._COMPACT_AFTER + 1
+    assert tracker.committable(0) == kept
+    assert tracker.outstanding() == 2
+    tracker.release(0, 998)  # not pending any more: ignored
+    assert tracker.outstanding() == 2
+    with pytest.raises(ValueError, match="not pending"):
+        tracker.hold(0, 997)  # a gap: never tracked
+    tracker.hold(0, kept)
+    assert tracker.outstanding_in(0) == 3
 
 
 class TrackerMachine(RuleBasedStateMachine):
