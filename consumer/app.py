@@ -34,7 +34,7 @@ from consumer.buffer import AppliedMemory, Change, DestinationBuffer, Offered, P
 from consumer.campaign_monitor.client import ApiKey, CampaignMonitorClient
 from consumer.deadletter import DeadLetter, DeadLetterQueue
 from consumer.events import Invalid, decode_fields, parse_email
-from consumer.flusher import REMOVAL_BATCH_SIZE, ApiChannel, DestinationFlusher
+from consumer.flusher import REMOVAL_BATCH_SIZE, ApiChannel, DestinationFlusher, payload_of
 from consumer.offsets import OffsetTracker
 from consumer.ratelimit import AimdRateLimiter
 from consumer.settings import ConfigError, Destination, Settings, load_settings
@@ -170,7 +170,7 @@ class Service:
         invalid_reasons: dict[str, int] = {}
         for record in records:
             offset: int = record.offset
-            value: bytes | None = record.value
+            value: bytes = record.value or b""  # None (a tombstone) is invalid as b"" is
             event = decode_fields(value)
             if isinstance(event, Invalid):
                 track(partition, offset, 1)
@@ -188,7 +188,8 @@ class Service:
             # superseded, or late), or when its dead letter is acknowledged.
             track(partition, offset, len(targets))
             position = (partition, offset)
-            payload = (record.key, value)  # a RawRecord: decoded, so the value is bytes
+            payload = payload_of(record.key, value, profile.get("id"))
+            id_hash = hash(event_id)  # see Change.event_id
             last_field: str | None = None
             address = raw = None
             for field, offer, name in targets:
@@ -203,7 +204,7 @@ class Service:
                     self._dead_letter(record, partition, code, detail, name)
                     continue
                 seq += 1
-                change = Change(address, entered, occurred_at_ms, seq, event_id, payload, position)
+                change = Change(address, entered, occurred_at_ms, seq, id_hash, payload, position)
                 outcome, done = offer(change, now)
                 if outcome is not new:
                     if outcome is late_outcome:

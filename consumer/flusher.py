@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import structlog
 
@@ -73,18 +73,43 @@ REMOVAL_PRIORITY: Final = 1
 LISTING_PAGE_SIZE: Final = 1000
 
 
-#: What a buffer entry keeps of its event as the change's payload: the record's original key
-#: and value (for the dead-letter topic, and to rebuild the row at flush time, which keeps
-#: memory per pending change small); its partition and offset are the change's position. A
-#: plain tuple of bytes, which the cyclic garbage collector stops tracking: hundreds of thousands
-#: of them sit in the buffers, and every tracked one is traversed again at each full collection.
-RawRecord = tuple[bytes | None, bytes]
+#: What a buffer entry keeps of its event, as the change's payload: the record's original value
+#: (to rebuild the row at flush time, which keeps memory per pending change small, and for the
+#: dead-letter topic), and its key only when that is not the profile's id encoded in UTF-8, as
+#: the contract has it: then the payload is the value alone, and the key is read back from it
+#: when a dead letter needs it. Otherwise a (key, value) tuple. Bytes and a tuple of bytes are
+#: objects the cyclic garbage collector does not track: hundreds of thousands of them sit in
+#: the buffers, and every tracked object is traversed again at each full collection.
+Payload = bytes | tuple[bytes | None, bytes]
 
 
-def _raw(entry: Entry) -> RawRecord:
-    record = entry.change.payload
-    assert isinstance(record, tuple)
-    return record
+def payload_of(key: bytes | None, value: bytes, profile_id: object) -> Payload:
+    """The payload to keep for a record whose event has this profile id."""
+    if key is not None and profile_id.__class__ is str and key == profile_id.encode():
+        return value
+    return (key, value)
+
+
+def _payload(entry: Entry) -> Payload:
+    payload = entry.change.payload
+    assert isinstance(payload, bytes | tuple)
+    return cast(Payload, payload)
+
+
+def _value(entry: Entry) -> bytes:
+    payload = _payload(entry)
+    return payload if isinstance(payload, bytes) else payload[1]
+
+
+def _key(entry: Entry) -> bytes | None:
+    payload = _payload(entry)
+    if isinstance(payload, tuple):
+        return payload[0]
+    event = decode(payload)  # decoded once already: valid
+    assert isinstance(event, MembershipChange)
+    profile_id = event.profile["id"]
+    assert isinstance(profile_id, str)
+    return profile_id.encode()
 
 
 class ApiChannel:
@@ -301,7 +326,7 @@ class DestinationFlusher:
         return len(applied), sum(map(len, failed.values())) + len(undecodable)
 
     def _row(self, entry: Entry) -> SubscriberRow | None:
-        event = decode(_raw(entry)[1])
+        event = decode(_value(entry))
         if not isinstance(event, MembershipChange):
             return None
         return build_row(self.destination, entry.change.key, event.profile)
@@ -455,12 +480,11 @@ class DestinationFlusher:
         self, entries: Sequence[Entry], error: str, detail: str, cm_code: int | None
     ) -> None:
         for entry in entries:
-            key, value = _raw(entry)
             partition, offset = entry.change.position
             await self.dlq.send(
                 DeadLetter(
-                    key=key,
-                    value=value,
+                    key=_key(entry),
+                    value=_value(entry),
                     error=error,
                     detail=detail,
                     source=f"{self.source_topic}/{partition}/{offset}",

@@ -197,23 +197,30 @@ async def test_partial_import_failure_dead_letters_rejected_rows(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     dest = Dest("news", "seg-a", custom_fields={"Bio": "bio"})
+    too_long = {"bio": "y" * 300}  # over 250 characters
+    rejected = event("toolong@example.com", extra=too_long)
+    # A key that is not the profile's id: kept with the change, not read back from the value.
+    rejected_other_key = (b"not-the-profile-id", event("toolong2@example.com", extra=too_long)[1])
     async with SyncHarness(kafka_bootstrap, tmp_path, [dest], partitions=1) as h, running(h):
         await h.produce(
-            [
-                event("ok1@example.com"),
-                event("toolong@example.com", extra={"bio": "y" * 300}),  # over 250 characters
-                event("ok2@example.com"),
-            ]
+            [event("ok1@example.com"), rejected, event("ok2@example.com"), rejected_other_key]
         )
         await h.wait_synced()
         assert h.active("news") == {"ok1@example.com", "ok2@example.com"}
-        letters = await h.dead_letters(expect=1)
-        assert len(letters) == 1
-        headers = headers_of(letters[0])
-        assert headers["cmsync-error"] == "cm_rejected"
-        assert headers["cmsync-destination"] == "news"
-        assert headers["cmsync-cm-code"].isdigit()
-        assert headers["cmsync-source"] == f"{h.topic}/0/1"
+        letters = await h.dead_letters(expect=2)
+        assert len(letters) == 2
+        by_source = {headers_of(letter)["cmsync-source"]: letter for letter in letters}
+        assert set(by_source) == {f"{h.topic}/0/1", f"{h.topic}/0/3"}
+        for source, (key, value) in (
+            (f"{h.topic}/0/1", rejected),
+            (f"{h.topic}/0/3", rejected_other_key),
+        ):
+            letter = by_source[source]
+            assert (letter.key, letter.value) == (key, value)  # the original bytes
+            headers = headers_of(letter)
+            assert headers["cmsync-error"] == "cm_rejected"
+            assert headers["cmsync-destination"] == "news"
+            assert headers["cmsync-cm-code"].isdigit()
 
 
 async def test_one_segment_feeds_several_destinations(kafka_bootstrap: str, tmp_path: Path) -> None:
