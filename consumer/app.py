@@ -54,7 +54,8 @@ REVOKE_BUDGET_S: Final = 20.0
 #: The buffers hold up to CMSYNC_MAX_PENDING changes, and at Python's defaults collections of
 #: the young generations ran so often, and full ones traversed so many live entries, that the
 #: collector took over half of the intake time (bench/intake.py). The service makes no
-#: reference cycles on its hot path, so collecting less often frees the same memory, later.
+#: reference cycles on its hot path, so collecting less often frees the same memory, later
+#: (aiokafka's, when intake pauses, are collected on resuming: Source._apply_backpressure).
 GC_THRESHOLDS: Final = (50_000, 50, 100)
 
 
