@@ -224,20 +224,25 @@ class AppliedMemory:
     def __len__(self) -> int:
         return self._len
 
-    def _get_packed(self, hashed: int) -> int | None:
-        """The packed value remembered for ``hashed`` (touching it), or None."""
+    def _probe(self, hashed: int) -> int:
+        """The index position of ``hashed``'s entry, or of the hole that ends its probe run."""
         index = self._index
         keys = self._keys
         mask = self._mask
         i = hashed & mask
         while True:
             slot = index[i]
-            if slot < 0:
-                return None
-            if keys[slot] == hashed:
-                self._ref[slot] = 1
-                return self._vals[slot]
+            if slot < 0 or keys[slot] == hashed:
+                return i
             i = (i + 1) & mask
+
+    def _get_packed(self, hashed: int) -> int | None:
+        """The packed value remembered for ``hashed`` (touching it), or None."""
+        slot = self._index[self._probe(hashed)]
+        if slot < 0:
+            return None
+        self._ref[slot] = 1
+        return self._vals[slot]
 
     def _remember_packed(self, hashed: int, packed: int) -> None:
         """``remember``, given ``hash((destination, key))`` and the packed value."""
@@ -246,17 +251,13 @@ class AppliedMemory:
         index = self._index
         keys = self._keys
         mask = self._mask
-        i = hashed & mask
-        while True:
-            slot = index[i]
-            if slot < 0:
-                break
-            if keys[slot] == hashed:
-                if (self._vals[slot] >> 1) <= (packed >> 1):
-                    self._vals[slot] = packed
-                self._ref[slot] = 1
-                return
-            i = (i + 1) & mask
+        i = self._probe(hashed)
+        slot = index[i]
+        if slot >= 0:
+            if (self._vals[slot] >> 1) <= (packed >> 1):
+                self._vals[slot] = packed
+            self._ref[slot] = 1
+            return
         # A new pair, and index[i] ends its probe sequence. `_vals` first: if `packed` does
         # not fit in 64 bits, this raises before the pair is half-remembered.
         slot = self._len
