@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -37,6 +37,7 @@ class Dest:
     custom_fields: Mapping[str, str] = field(default_factory=lambda: {"City": "city"})
     api_key_env: str = "CMSYNC_CM_API_KEY"
     list_id: str | None = None  # None: a new list in the simulator
+    consent_to_track: str = "Yes"
 
     def toml(self, list_id: str) -> str:
         fields = "\n".join(f'{k} = "{v}"' for k, v in self.custom_fields.items())
@@ -49,7 +50,7 @@ email_field = "email"
 name_field = "full_name"
 removal = "{self.removal}"
 resubscribe = "{self.resubscribe}"
-consent_to_track = "Yes"
+consent_to_track = "{self.consent_to_track}"
 
 [destination.custom_fields]
 {fields}
@@ -82,6 +83,38 @@ def event(
         profile=profile,
     )
     return pid.encode(), value
+
+
+class Rig(Protocol):
+    """Where a service under test connects: what `SyncHarness` and the fault suite's rig share."""
+
+    tmp: Path
+    bootstrap: str
+    topic: str
+    dlq_topic: str
+    group: str
+    base_url: str
+    list_ids: dict[str, str]
+
+
+def service_env(rig: Rig, destinations: Iterable[Dest], **settings: str) -> dict[str, str]:
+    """The CMSYNC_* environment of a service under test: the rig's broker, topics, group and
+    simulator, its destinations written to a file, the tests' common timings, then
+    `settings` (each suite's own, by variable name)."""
+    dest_file = rig.tmp / f"destinations-{rig.topic}.toml"
+    dest_file.write_text("\n".join(d.toml(rig.list_ids[d.name]) for d in destinations))
+    return {
+        "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": rig.bootstrap,
+        "CMSYNC_KAFKA_TOPIC": rig.topic,
+        "CMSYNC_DLQ_TOPIC": rig.dlq_topic,
+        "CMSYNC_KAFKA_GROUP_ID": rig.group,
+        "CMSYNC_CM_BASE_URL": rig.base_url,
+        "CMSYNC_CM_API_KEY": API_KEY,
+        "CMSYNC_DESTINATIONS_FILE": str(dest_file),
+        "CMSYNC_FLUSH_INTERVAL_S": "0.3",
+        "CMSYNC_SHUTDOWN_BUDGET_S": "10",
+        **settings,
+    }
 
 
 class SyncHarness:
@@ -135,23 +168,12 @@ class SyncHarness:
 
     def env(self) -> dict[str, str]:
         """The CMSYNC_* environment of a service for this harness (also for subprocesses)."""
-        dest_file = self.tmp / f"destinations-{self.topic}.toml"
-        dest_file.write_text("\n".join(d.toml(self.list_ids[d.name]) for d in self.destinations))
-        return {
-            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "CMSYNC_KAFKA_TOPIC": self.topic,
-            "CMSYNC_DLQ_TOPIC": self.dlq_topic,
-            "CMSYNC_KAFKA_GROUP_ID": self.group,
-            "CMSYNC_CM_BASE_URL": self.base_url,
-            "CMSYNC_CM_API_KEY": API_KEY,
-            "CMSYNC_DESTINATIONS_FILE": str(dest_file),
-            "CMSYNC_FLUSH_INTERVAL_S": "0.3",
+        settings = {
             "CMSYNC_HTTP_PORT": "0",
             "CMSYNC_RATE_LIMIT_RPS": "500",
             "CMSYNC_CONSENT_REFRESH_S": "0.5",
-            "CMSYNC_SHUTDOWN_BUDGET_S": "10",
-            **self.extra_env,
         }
+        return service_env(self, self.destinations, **(settings | self.extra_env))
 
     async def start(self) -> Service:
         assert self.task is None

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.campaign_monitor.simulator import AppliedWrite, Simulator, SimulatorConfig, serve
+from consumer.demo import compare, field_values
 from consumer.embedded_broker import create_topics, free_port
 from consumer.events import parse_email
 from consumer.synthetic import (
@@ -55,6 +56,7 @@ from consumer.synthetic import (
     event_bytes,
     expected_state,
 )
+from tests import harness
 
 REPO = Path(__file__).resolve().parents[2]
 CHAOS = os.environ.get("CMSYNC_CHAOS") == "1"
@@ -80,32 +82,15 @@ def note(text: str) -> None:
 # ------------------------------------------------------------------------------- destinations
 
 
-@dataclass(frozen=True)
-class Dest:
-    name: str
-    segment_id: str
-    removal: str = "delete"
-    resubscribe: str = "deleted-only"
-    custom_fields: tuple[tuple[str, str], ...] = (("City", "city"), (VERSION, "version"))
-    api_key_env: str = "CMSYNC_CM_API_KEY"
-    list_id: str | None = None  # None: a new list in the simulator
+@dataclass
+class Dest(harness.Dest):
+    """A destination with the fault suite's defaults: a Version field that shows which change
+    was applied to each member, and ConsentToTrack left Unchanged."""
 
-    def toml(self, list_id: str) -> str:
-        fields = "\n".join(f'{key} = "{value}"' for key, value in self.custom_fields)
-        return f"""[[destination]]
-name = "{self.name}"
-segment_id = "{self.segment_id}"
-list_id = "{list_id}"
-api_key_env = "{self.api_key_env}"
-email_field = "email"
-name_field = "full_name"
-removal = "{self.removal}"
-resubscribe = "{self.resubscribe}"
-consent_to_track = "Unchanged"
-
-[destination.custom_fields]
-{fields}
-"""
+    custom_fields: Mapping[str, str] = field(
+        default_factory=lambda: {"City": "city", VERSION: "version"}
+    )
+    consent_to_track: str = "Unchanged"
 
 
 #: Two lists fed by one segment (one deleting, one unsubscribing), one list of another segment,
@@ -114,12 +99,12 @@ DESTS = (
     Dest(
         "news",
         "seg-a",
-        custom_fields=(
-            ("City", "city"),
-            ("Tier", "tier"),
-            ("Interests", "interests"),
-            (VERSION, "version"),
-        ),
+        custom_fields={
+            "City": "city",
+            "Tier": "tier",
+            "Interests": "interests",
+            VERSION: "version",
+        },
     ),
     Dest("offers", "seg-a", removal="unsubscribe", resubscribe="always"),
     Dest("club", "seg-b"),
@@ -420,28 +405,17 @@ class FaultRig:
 
     # services ------------------------------------------------------------------------------
     def env(self, **overrides: str) -> dict[str, str]:
-        dest_file = self.tmp / f"destinations-{self.topic}.toml"
-        dest_file.write_text("\n".join(d.toml(self.list_ids[d.name]) for d in self.dests))
         base = {k: v for k, v in os.environ.items() if not k.startswith("CMSYNC_")}
-        return {
-            **base,
-            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "CMSYNC_KAFKA_TOPIC": self.topic,
-            "CMSYNC_DLQ_TOPIC": self.dlq_topic,
-            "CMSYNC_KAFKA_GROUP_ID": self.group,
-            "CMSYNC_CM_BASE_URL": self.base_url,
+        settings = {
             "CMSYNC_CM_API_KEY": API_KEY,
-            "CMSYNC_DESTINATIONS_FILE": str(dest_file),
-            "CMSYNC_FLUSH_INTERVAL_S": "0.3",
             "CMSYNC_HTTP_PORT": str(free_port()),
             "CMSYNC_RATE_LIMIT_RPS": "200",
             "CMSYNC_CONSENT_REFRESH_S": "5",
-            "CMSYNC_SHUTDOWN_BUDGET_S": "10",
             "CMSYNC_LOG_LEVEL": "info",
             "CMSYNC_LOG_FORMAT": "json",
-            **self.extra_env,
-            **overrides,
         }
+        settings |= {**self.extra_env, **overrides}
+        return base | harness.service_env(self, self.dests, **settings)
 
     def spawn(self, name: str = "svc", **env: str) -> ServiceProcess:
         index = len(self.procs)
@@ -638,42 +612,11 @@ def dead_letter_source(record: Any) -> tuple[int, int]:
     return int(partition), int(offset)
 
 
-def field_values(member: Mapping[str, Any], key: str) -> list[str]:
-    return sorted(str(f["Value"]) for f in member.get("CustomFields", []) if f.get("Key") == key)
-
-
-def expected_values(value: object) -> list[str]:
-    """What a custom field holds after a profile value was synced (see `build_row`)."""
-    if value is None or value == []:
-        return []
-    if isinstance(value, list):
-        return sorted(str(v) for v in value)
-    if isinstance(value, bool):
-        return ["true" if value else "false"]
-    return [str(value)]
-
-
 def list_problems(
     expected: Expected, members: Mapping[str, Mapping[str, Any]], dest: Dest
 ) -> list[str]:
     """Differences between a list and its expected state, counted by kind (no addresses)."""
-    problems: Counter[str] = Counter()
-    active = {a for a, m in members.items() if m.get("State") == "Active"}
-    problems["missing or inactive"] = len(set(expected.active) - active)
-    problems["active but should not be"] = len(active & expected.inactive)
-    problems["active but never in the segment"] = len(
-        active - set(expected.active) - expected.inactive
-    )
-    for address in set(expected.active) & active:
-        profile, member = expected.active[address], members[address]
-        if member.get("Name") != profile.get("full_name"):
-            problems["wrong name"] += 1
-        for key, profile_field in dest.custom_fields:
-            if profile_field in profile and field_values(member, key) != expected_values(
-                profile[profile_field]
-            ):
-                problems[f"wrong {key}"] += 1
-    return [f"{n} {what}" for what, n in problems.items() if n]
+    return compare(expected, members, dest.custom_fields)
 
 
 def version_of(member: Mapping[str, Any] | None) -> int | None:

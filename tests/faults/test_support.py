@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from consumer.campaign_monitor.simulator import AppliedWrite
+from consumer.demo import expected_values
 from consumer.synthetic import Produced, expected_state
 from tests.faults.support import (
     VERSION,
@@ -11,7 +12,6 @@ from tests.faults.support import (
     Sent,
     change,
     committed_but_unapplied,
-    expected_values,
     list_problems,
     out_of_order_writes,
     peak_per_window,
