@@ -30,7 +30,14 @@ import structlog
 from aiokafka import ConsumerRecord
 
 from consumer import observability as obs
-from consumer.buffer import AppliedMemory, Change, DestinationBuffer, Offered, Position
+from consumer.buffer import (
+    AppliedMemory,
+    Change,
+    DestinationBuffer,
+    Offered,
+    Position,
+    partition_offset,
+)
 from consumer.campaign_monitor.client import ApiKey, CampaignMonitorClient
 from consumer.deadletter import DeadLetter, DeadLetterQueue
 from consumer.events import Invalid, decode_fields, parse_email
@@ -140,8 +147,8 @@ class Service:
 
     def _release(self, positions: Iterable[Position]) -> None:
         release = self.tracker.release
-        for partition, offset in positions:
-            release(partition, offset)
+        for held in positions:
+            release(*partition_offset(held))
 
     # ---------------------------------------------------------------- the hot path
 
@@ -188,7 +195,7 @@ class Service:
             # One hold per destination: each is released when its change is applied (or
             # superseded, or late), or when its dead letter is acknowledged.
             track(partition, offset, len(targets))
-            position = (partition, offset)
+            position = offset << 32 | partition  # buffer.position(), inlined
             payload = payload_of(record.key, value, profile.get("id"))
             id_hash = hash(event_id)  # see Change.event_id
             last_field: str | None = None
@@ -210,8 +217,8 @@ class Service:
                 if outcome is not new:
                     if outcome is late_outcome:
                         late += 1
-                        for pos in done:
-                            release(*pos)
+                        for held in done:
+                            release(*partition_offset(held))
                     elif outcome is duplicate_outcome:
                         duplicate += 1
                     else:

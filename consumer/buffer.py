@@ -63,9 +63,27 @@ __all__ = [
     "Entry",
     "Offered",
     "Position",
+    "partition_offset",
+    "position",
 ]
 
-Position = tuple[int, int]  # (partition, offset)
+#: Where a change came from, packed into one int: ``offset << 32 | partition`` (Kafka's
+#: partition numbers are 32-bit). One int per pending change instead of a tuple and its offset:
+#: 56 bytes fewer. The buffer only keeps and hands back positions; `position` and
+#: `partition_offset` pack and unpack them.
+Position = int
+_PARTITION_BITS = 32
+_PARTITION_MASK = (1 << _PARTITION_BITS) - 1
+
+
+def position(partition: int, offset: int) -> Position:
+    """The position of ``offset`` in ``partition``."""
+    return offset << _PARTITION_BITS | partition
+
+
+def partition_offset(position: Position) -> tuple[int, int]:
+    """(partition, offset) of a position."""
+    return position & _PARTITION_MASK, position >> _PARTITION_BITS
 
 
 @dataclass(slots=True)
@@ -105,7 +123,7 @@ class Entry:
     def __init__(self, change: Change, holds: list[Position] | Position, first_seen: float) -> None:
         self.change = change
         self._holds: list[Position] | Position = (
-            holds if isinstance(holds, tuple) else holds[0] if len(holds) == 1 else list(holds)
+            holds if not isinstance(holds, list) else holds[0] if len(holds) == 1 else list(holds)
         )
         self.first_seen = first_seen
         # Bookkeeping of DestinationBuffer, per kind ([0] removals, [1] adds): the tick of this
@@ -116,11 +134,11 @@ class Entry:
     @property
     def holds(self) -> list[Position]:
         holds = self._holds
-        return [holds] if isinstance(holds, tuple) else holds
+        return holds if isinstance(holds, list) else [holds]
 
     def _hold(self, position: Position) -> None:
         holds = self._holds
-        if isinstance(holds, tuple):
+        if not isinstance(holds, list):
             self._holds = [holds, position]
         else:
             holds.append(position)

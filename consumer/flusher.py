@@ -30,7 +30,7 @@ from typing import Final, TypeVar, cast
 import structlog
 
 from consumer import observability as obs
-from consumer.buffer import Batch, DestinationBuffer, Entry, Position
+from consumer.buffer import Batch, DestinationBuffer, Entry, Position, partition_offset
 from consumer.campaign_monitor.client import (
     CampaignMonitorClient,
     CustomField,
@@ -480,7 +480,7 @@ class DestinationFlusher:
         self, entries: Sequence[Entry], error: str, detail: str, cm_code: int | None
     ) -> None:
         for entry in entries:
-            partition, offset = entry.change.position
+            partition, offset = partition_offset(entry.change.position)
             await self.dlq.send(
                 DeadLetter(
                     key=_key(entry),

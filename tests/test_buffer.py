@@ -24,6 +24,8 @@ from consumer.buffer import (
     Entry,
     Offered,
     Position,
+    partition_offset,
+    position,
 )
 
 INTERVAL = 5.0
@@ -44,7 +46,7 @@ class Feed:
             seq=seq,
             event_id=event_id or f"ev-{seq}",
             payload={"key": key, "seq": seq},
-            position=(0, seq),
+            position=position(0, seq),
         )
 
 
@@ -104,7 +106,7 @@ def test_equal_occurred_at_later_arrival_wins(feed: Feed) -> None:
 
 def test_tie_on_occurred_at_goes_to_the_higher_seq_whatever_the_arrival() -> None:
     def change(seq: int, entered: bool) -> Change:
-        return Change("a@x", entered, 100, seq, f"e{seq}", None, (0, seq))
+        return Change("a@x", entered, 100, seq, f"e{seq}", None, position(0, seq))
 
     buf = make()
     buf.offer(change(5, True), 0.0)
@@ -725,3 +727,20 @@ class BufferMachine(RuleBasedStateMachine):
 
 TestBufferMachine = BufferMachine.TestCase
 TestBufferMachine.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 2**63 - 1))
+def test_positions_pack_and_unpack(partition: int, offset: int) -> None:
+    packed = position(partition, offset)
+    assert partition_offset(packed) == (partition, offset)
+    # Ordered like (offset, partition): positions of one partition sort by offset.
+    assert position(partition, offset + 1) > packed
+
+
+def test_an_entry_keeps_one_position_unwrapped_and_several_in_a_list(feed: Feed) -> None:
+    first, second = position(0, 7), position(3, 7)
+    entry = Entry(feed("a@x.io", True, 1), first, 0.0)
+    assert entry._holds == first  # no list for the common case of one position
+    assert entry.holds == [first]
+    entry._hold(second)
+    assert entry.holds == [first, second]
