@@ -97,7 +97,6 @@ class Service:
         self._channels: dict[str, ApiChannel] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._seq = 0
         self._draining = False
         self._deadline: float | None = None  # end of the shutdown budget, once stopping
         self.source = Source(
@@ -172,7 +171,6 @@ class Service:
             for segment, rs in routes.items()
         }
         new, late_outcome, duplicate_outcome = Offered.NEW, Offered.LATE, Offered.DUPLICATE
-        seq = self._seq
         skipped = invalid = late = duplicate = 0
         coalesced: dict[str, int] = {}
         invalid_reasons: dict[str, int] = {}
@@ -211,8 +209,10 @@ class Service:
                     detail = f"profile field {field!r} is missing or not an email address"
                     self._dead_letter(record, partition, code, detail, name)
                     continue
-                seq += 1
-                change = Change(address, entered, occurred_at_ms, seq, id_hash, payload, position)
+                # seq = the position: ties in occurred_at go to the later offset (contract)
+                change = Change(
+                    address, entered, occurred_at_ms, position, id_hash, payload, position
+                )
                 outcome, done = offer(change, now)
                 if outcome is not new:
                     if outcome is late_outcome:
@@ -223,7 +223,6 @@ class Service:
                         duplicate += 1
                     else:
                         coalesced[name] = coalesced.get(name, 0) + 1
-        self._seq = seq
         for targets_of_segment in routes.values():
             for route in targets_of_segment:
                 if route.buffer.ready_counts()[0] >= route.buffer.max_adds:

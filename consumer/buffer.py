@@ -94,7 +94,10 @@ class Change:
     key: str = field(repr=False)  # normalised address (the coalescing key)
     entered: bool
     occurred_at_ms: int
-    seq: int  # arrival order within the process; tie-break: later wins
+    # Order of arrival: on equal occurred_at_ms the higher seq wins. The service passes the
+    # position (offset-major), so ties go to the later offset, as the contract says, and a
+    # record read again after a rebalance keeps its place.
+    seq: int
     # The event's id, only ever compared for equality (duplicates). The service keeps
     # hash(event_id): an int of 32 bytes instead of a UUID string of 85, for every pending
     # change. Two events of one address with the same occurred_at and colliding 64-bit hashes
