@@ -55,8 +55,6 @@ BACKOFF_BASE_S: Final = 0.5
 BACKOFF_CAP_S: Final = 30.0
 #: A fatally failing destination (bad key, bad list) is retried this often, with one log line each.
 STALL_RETRY_S: Final = 60.0
-#: Removal calls of one batch that may be in flight at once (the limiter still paces them).
-REMOVAL_CONCURRENCY: Final = 8
 #: Removals per batch, and removal batches of one destination in flight at once (all of
 #: them while draining). Few: a removal taken into flight can no longer be cancelled by a
 #: re-entry, and when the key's rate is the bottleneck a taken removal may wait long for its
@@ -337,7 +335,6 @@ class DestinationFlusher:
         dest = self.destination
         if dest.resubscribe == "deleted-only":
             await self._refresh_consent_if_needed()
-        gate = asyncio.Semaphore(REMOVAL_CONCURRENCY)
         removed = rejected = 0
 
         async def remove(entry: Entry) -> None:
@@ -348,25 +345,23 @@ class DestinationFlusher:
                 # Unsubscribed address into a Deleted one that a re-entry could reactivate.
                 self._complete([entry], applied=True)
                 return
-            async with gate:
-                try:
-                    if dest.removal == "unsubscribe":
-                        await self._call(
-                            lambda: self.channel.client.unsubscribe(dest.list_id, address)
-                        )
-                    else:
-                        await self._call(lambda: self.channel.client.delete(dest.list_id, address))
-                except (RecordRejected, RequestInvalid) as exc:
-                    if exc.code in STATE_CONFLICT_CODES:  # already in an inactive state: done
-                        self._complete([entry], applied=True)
-                        removed += 1
-                        return
-                    await self._dead_letter([entry], "cm_rejected", "removal rejected", exc.code)
-                    rejected += 1
+            try:
+                if dest.removal == "unsubscribe":
+                    await self._call(lambda: self.channel.client.unsubscribe(dest.list_id, address))
+                else:
+                    await self._call(lambda: self.channel.client.delete(dest.list_id, address))
+            except (RecordRejected, RequestInvalid) as exc:
+                if exc.code in STATE_CONFLICT_CODES:  # already in an inactive state: done
+                    self._complete([entry], applied=True)
+                    removed += 1
                     return
+                await self._dead_letter([entry], "cm_rejected", "removal rejected", exc.code)
+                rejected += 1
+                return
             self._complete([entry], applied=True)
             removed += 1
 
+        # All at once: `_call` lets CALLS_IN_FLIGHT of them run, the limiter paces them.
         async with asyncio.TaskGroup() as tasks:
             for entry in entries:
                 tasks.create_task(remove(entry))
