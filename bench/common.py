@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.campaign_monitor.simulator import Simulator, SimulatorConfig, serve
+from consumer.demo import destination_toml
 from consumer.synthetic import CITIES, INTERESTS, TIERS, event_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -410,26 +411,7 @@ def free_port() -> int:
 
 def destinations_toml(destinations: Iterable[tuple[str, str, str]]) -> str:
     """(name, segment_id, list_id) → a destinations file with the demo's field mapping."""
-    parts = []
-    for name, segment_id, list_id in destinations:
-        parts.append(
-            f"""[[destination]]
-name = "{name}"
-segment_id = "{segment_id}"
-list_id = "{list_id}"
-email_field = "email"
-name_field = "full_name"
-removal = "delete"
-resubscribe = "deleted-only"
-consent_to_track = "Unchanged"
-
-[destination.custom_fields]
-City = "city"
-Tier = "tier"
-Interests = "interests"
-"""
-        )
-    return "\n".join(parts)
+    return "\n".join(destination_toml(*destination) for destination in destinations)
 
 
 def service_env(

@@ -72,27 +72,41 @@ SEGMENTS = (
 )
 
 
-def destinations_toml(list_ids: dict[str, str]) -> str:
-    parts = []
-    for d in DESTINATIONS:
-        parts.append(
-            f"""[[destination]]
-name = "{d.name}"
-segment_id = "{d.segment_id}"
-list_id = "{list_ids[d.name]}"
+#: The custom fields of the demo's lists, as its destinations file maps them.
+CUSTOM_FIELDS: Final = {"City": "city", "Tier": "tier", "Interests": "interests"}
+
+
+def destination_toml(
+    name: str,
+    segment_id: str,
+    list_id: str,
+    *,
+    removal: str = "delete",
+    resubscribe: str = "deleted-only",
+) -> str:
+    """One `[[destination]]` of a destinations file, with the demo's field mapping."""
+    fields = "".join(f'{key} = "{field}"\n' for key, field in CUSTOM_FIELDS.items())
+    return f"""[[destination]]
+name = "{name}"
+segment_id = "{segment_id}"
+list_id = "{list_id}"
 email_field = "email"
 name_field = "full_name"
-removal = "{d.removal}"
-resubscribe = "{d.resubscribe}"
+removal = "{removal}"
+resubscribe = "{resubscribe}"
 consent_to_track = "Unchanged"
 
 [destination.custom_fields]
-City = "city"
-Tier = "tier"
-Interests = "interests"
-"""
+{fields}"""
+
+
+def destinations_toml(list_ids: dict[str, str]) -> str:
+    return "\n".join(
+        destination_toml(
+            d.name, d.segment_id, list_ids[d.name], removal=d.removal, resubscribe=d.resubscribe
         )
-    return "\n".join(parts)
+        for d in DESTINATIONS
+    )
 
 
 # ------------------------------------------------------------------------------- the run
@@ -184,10 +198,6 @@ async def _read_list(client: CampaignMonitorClient, list_id: str) -> dict[str, d
         async for member in client.members(list_id, state):
             members[str(member["EmailAddress"]).strip().lower()] = member
     return members
-
-
-#: The custom fields of the demo's lists, as its destinations file maps them.
-CUSTOM_FIELDS: Final = {"City": "city", "Tier": "tier", "Interests": "interests"}
 
 
 def field_values(member: Mapping[str, Any], key: str) -> list[str]:
