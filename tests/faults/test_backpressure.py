@@ -58,7 +58,14 @@ async def run_backlog(
     backlog."""
     faults = FaultConfig(latency_s=0.1, p_latency=1.0)
     config = SimulatorConfig(api_keys=(API_KEY,), seed=6, faults=faults)
-    env = {"CMSYNC_MAX_PENDING": str(max_pending), "CMSYNC_RATE_LIMIT_RPS": "20"}
+    env = {
+        "CMSYNC_MAX_PENDING": str(max_pending),
+        "CMSYNC_RATE_LIMIT_RPS": "20",
+        # What CMSYNC_MAX_PENDING bounds is under test here; the applied-time memory has its
+        # own bound (24 MiB at the default of 1,000,000, a fixed cost that took the growth
+        # over start-up from ~40 to ~65 MiB). Room for every record of the backlog.
+        "CMSYNC_APPLIED_MEMORY": str(len(records)),
+    }
     dests = [Dest("news", "seg-a")]
     async with FaultRig(bootstrap, tmp, dests=dests, sim_config=config, env=env) as rig:
         await rig.produce(records)
