@@ -17,12 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the service: consume, coalesce, flush to Campaign Monitor, serve metrics",
     ),
     "demo": (
-        "consumer.demo",
+        "consumer.devtools.demo",
         "the embedded default: broker + simulator + synthetic stream, verified",
     ),
-    "simulator": ("consumer.campaign_monitor.simulator", "the Campaign Monitor simulator (HTTP)"),
+    "simulator": ("consumer.devtools.simulator", "the Campaign Monitor simulator (HTTP)"),
     "check-config": (
-        "consumer.settings",
+        "consumer.checkconfig",
         "validate the configuration and print it, secrets masked",
     ),
 }

@@ -12,14 +12,13 @@ import orjson
 import pytest
 import trustme
 
+from consumer.checkconfig import cli_main, describe
 from consumer.settings import (
     VARIABLES,
     ConfigError,
     Destination,
     Secret,
     Settings,
-    cli_main,
-    describe,
     load_settings,
 )
 
@@ -468,15 +467,17 @@ def test_duplicate_names(tmp_path: Path) -> None:
 def test_same_segment_to_same_list(tmp_path: Path) -> None:
     toml = D + "\n" + D.replace('"vip"', '"vip-2"')
     problem = only_problem(destination_problems(tmp_path, toml))
-    assert problem == (
-        f'destinations "vip" and "vip-2" both send segment "vip-customers" to list {LIST_A}: '
-        "keep one"
-    )
+    assert problem.startswith(f'destinations "vip" and "vip-2" both write list {LIST_A}: ')
 
 
-def test_one_list_fed_by_two_segments_is_allowed(tmp_path: Path) -> None:
-    toml = D + "\n" + D.replace('"vip"', '"vip-2"').replace('"vip-customers"', '"top"')
-    assert len(load_settings(base_env(write(tmp_path, toml))).destinations) == 2
+def test_one_list_written_by_two_destinations_is_refused_with_the_segment_ids_hint(
+    tmp_path: Path,
+) -> None:
+    other_segment = D.replace('"vip"', '"vip-2"').replace('"vip-customers"', '"top"')
+    third = D.replace('"vip"', '"vip-3"').replace('"vip-customers"', '"new"')
+    problem = only_problem(destination_problems(tmp_path, D + "\n" + other_segment + "\n" + third))
+    assert problem.startswith(f'destinations "vip" and "vip-2" and "vip-3" all write list {LIST_A}')
+    assert "segment_ids" in problem
 
 
 def test_missing_api_keys_are_reported_once_per_variable(tmp_path: Path) -> None:
@@ -491,10 +492,10 @@ def test_missing_api_keys_are_reported_once_per_variable(tmp_path: Path) -> None
     env = base_env(write(tmp_path, toml), CMSYNC_CM_API_KEY_EU=" ")
     del env["CMSYNC_CM_API_KEY"]
     assert problems_of(env) == [
-        "CMSYNC_CM_API_KEY is not set or is empty; it holds the Campaign Monitor API key of "
-        'destination #1 "vip", destination #2 "b"',
-        "CMSYNC_CM_API_KEY_EU is not set or is empty; it holds the Campaign Monitor API key of "
-        'destination #3 "eu"',
+        "CMSYNC_CM_API_KEY (or CMSYNC_CM_API_KEY_FILE) is not set or is empty; it holds the "
+        'Campaign Monitor API key of destination #1 "vip", destination #2 "b"',
+        "CMSYNC_CM_API_KEY_EU (or CMSYNC_CM_API_KEY_EU_FILE) is not set or is empty; it holds "
+        'the Campaign Monitor API key of destination #3 "eu"',
     ]
 
 
@@ -546,6 +547,76 @@ def test_config_error_str_lists_every_problem() -> None:
     assert str(error) == "configuration error:\n  - first thing\n  - second thing"
 
 
+# --- unknown variables ----------------------------------------------------------------------
+
+
+def test_a_mistyped_variable_is_refused_with_the_nearest_name(valid_env: dict[str, str]) -> None:
+    valid_env["CMSYNC_FLUSH_INTERVAL"] = "9"
+    assert only_problem(problems_of(valid_env)) == (
+        "unknown variable CMSYNC_FLUSH_INTERVAL; did you mean CMSYNC_FLUSH_INTERVAL_S?"
+    )
+
+
+def test_an_unknown_variable_far_from_every_name_is_refused_without_a_guess(
+    valid_env: dict[str, str],
+) -> None:
+    valid_env.update(CMSYNC_ZZZ="1", CMSYNC_KAFKA_SASL_PASSWORD_FIEL="/run/secret")
+    problems = problems_of(valid_env)
+    assert problems == [
+        "unknown variable CMSYNC_KAFKA_SASL_PASSWORD_FIEL; "
+        "did you mean CMSYNC_KAFKA_SASL_PASSWORD_FILE?",
+        "unknown variable CMSYNC_ZZZ: cmsync reads no such setting "
+        "(`cmsync check-config --help` lists them)",
+    ]
+
+
+def test_blank_unknown_variable_is_refused_too(valid_env: dict[str, str]) -> None:
+    valid_env["CMSYNC_MAX_PENDING_BYTE"] = ""
+    assert "did you mean CMSYNC_MAX_PENDING?" in only_problem(problems_of(valid_env))
+
+
+def test_variables_named_by_api_key_env_and_their_files_are_known(tmp_path: Path) -> None:
+    toml = ONE_DESTINATION + 'api_key_env = "CMSYNC_CM_API_KEY_EU"\n'
+    key_file = write(tmp_path, API_KEY + "\n", "key")
+    env = base_env(write(tmp_path, toml), CMSYNC_CM_API_KEY_EU_FILE=str(key_file))
+    (destination,) = load_settings(env).destinations
+    assert destination.api_key == Secret(API_KEY)
+    # the same variable is unknown when no destination names it
+    problem = only_problem(
+        problems_of(base_env(write(tmp_path, ONE_DESTINATION), **{"CMSYNC_CM_API_KEY_EU": API_KEY}))
+    )
+    assert problem == "unknown variable CMSYNC_CM_API_KEY_EU; did you mean CMSYNC_CM_API_KEY?"
+    assert API_KEY not in problem
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CMSYNC_TEST_KAFKA_BOOTSTRAP",
+        "CMSYNC_CHAOS",
+        "CMSYNC_REQUIRE_TOOLS",
+        "CMSYNC_BENCH_INTAKE_EVENTS",
+        "CMSYNC_FAULTS_REPORT",
+        "CMSYNC_DEMO_LISTS",
+        "CMSYNC_SCHEMA_DIR",
+    ],
+)
+def test_names_reserved_for_tooling_are_not_refused(valid_env: dict[str, str], name: str) -> None:
+    valid_env[name] = "1"
+    load_settings(valid_env)
+
+
+def test_reserved_names_cover_whole_words_only(valid_env: dict[str, str]) -> None:
+    valid_env["CMSYNC_CHAOSMONKEY"] = "1"  # not CMSYNC_CHAOS nor CMSYNC_CHAOS_*
+    assert only_problem(problems_of(valid_env)).startswith("unknown variable CMSYNC_CHAOSMONKEY")
+
+
+def test_unknown_names_wait_for_a_readable_destinations_file(tmp_path: Path) -> None:
+    # Unreadable file: nothing is known of the keys it names, so only the file is reported.
+    env = base_env(tmp_path / "nope.toml", CMSYNC_CM_API_KEY_EU=API_KEY)
+    assert only_problem(problems_of(env)).endswith("nope.toml): file not found")
+
+
 # --- secrets ------------------------------------------------------------------------------
 
 
@@ -556,6 +627,59 @@ def test_secret_is_masked() -> None:
     assert secret == Secret(API_KEY)
     assert secret != Secret("other")
     assert len({secret, Secret(API_KEY)}) == 1
+
+
+def test_secrets_from_files_drop_the_trailing_newline_only(tmp_path: Path) -> None:
+    password_file = write(tmp_path, f" {PASSWORD} \r\n", "password")
+    key_file = write(tmp_path, f"{API_KEY}\n", "key")
+    env = sasl_env(tmp_path, CMSYNC_KAFKA_SASL_PASSWORD_FILE=str(password_file))
+    del env["CMSYNC_KAFKA_SASL_PASSWORD"], env["CMSYNC_CM_API_KEY"]
+    env["CMSYNC_CM_API_KEY_FILE"] = str(key_file)
+    settings = load_settings(env)
+    assert settings.kafka.sasl_password == Secret(f" {PASSWORD} ")  # a password keeps spaces
+    assert settings.destinations[0].api_key == Secret(API_KEY)
+
+
+def test_a_secret_and_its_file_both_set_is_an_error(tmp_path: Path) -> None:
+    key_file = write(tmp_path, API_KEY, "key")
+    env = sasl_env(tmp_path, CMSYNC_KAFKA_SASL_PASSWORD_FILE=str(key_file))
+    env["CMSYNC_CM_API_KEY_FILE"] = str(key_file)
+    assert problems_of(env) == [
+        "CMSYNC_KAFKA_SASL_PASSWORD and CMSYNC_KAFKA_SASL_PASSWORD_FILE are both set: set only one",
+        "CMSYNC_CM_API_KEY and CMSYNC_CM_API_KEY_FILE are both set: set only one",
+    ]
+
+
+def test_secret_file_problems_name_the_path_never_the_content(tmp_path: Path) -> None:
+    unreadable = write(tmp_path, API_KEY, "unreadable")
+    unreadable.chmod(0)
+    cases = {
+        str(tmp_path / "missing"): "file not found",
+        str(tmp_path): "is a directory, not a file",
+        str(write(tmp_path, "\n", "empty")): "is empty",
+    }
+    if os.geteuid() != 0:  # root reads any file
+        cases[str(unreadable)] = "cannot be read (Permission denied)"
+    for path, expected in cases.items():
+        env = base_env(write(tmp_path, ONE_DESTINATION), CMSYNC_CM_API_KEY_FILE=path)
+        del env["CMSYNC_CM_API_KEY"]
+        problem = only_problem(problems_of(env))
+        assert problem == f"CMSYNC_CM_API_KEY_FILE ({path}): {expected}"
+        assert API_KEY not in problem
+
+
+def test_a_key_file_shared_by_destinations_is_one_problem(tmp_path: Path) -> None:
+    toml = D + "\n" + D.replace('"vip"', '"b"').replace(LIST_A, LIST_B)
+    env = base_env(write(tmp_path, toml), CMSYNC_CM_API_KEY_FILE=str(tmp_path / "missing"))
+    del env["CMSYNC_CM_API_KEY"]
+    assert only_problem(problems_of(env)).endswith("missing): file not found")
+
+
+def test_a_required_secret_file_counts_as_set(tmp_path: Path) -> None:
+    env = sasl_env(tmp_path, CMSYNC_KAFKA_SASL_PASSWORD_FILE=str(tmp_path / "missing"))
+    del env["CMSYNC_KAFKA_SASL_PASSWORD"]
+    # the file's problem, not also "CMSYNC_KAFKA_SASL_PASSWORD is required with SASL_PLAINTEXT"
+    assert only_problem(problems_of(env)).startswith("CMSYNC_KAFKA_SASL_PASSWORD_FILE (")
 
 
 def sasl_env(tmp_path: Path, protocol: str = "SASL_PLAINTEXT", **extra: str) -> dict[str, str]:
@@ -647,6 +771,39 @@ def test_client_kwargs_sasl_ssl_with_ca_file(tmp_path: Path, ca: trustme.CA) -> 
     assert context.get_ca_certs(binary_form=True) == [
         ssl.PEM_cert_to_DER_cert(ca.cert_pem.bytes().decode())
     ]
+
+
+def test_mutual_tls_client_certificate(tmp_path: Path, ca: trustme.CA) -> None:
+    client, other = ca.issue_cert("cmsync.example"), ca.issue_cert("other.example")
+    certfile, keyfile = tmp_path / "user.crt", tmp_path / "user.key"
+    client.cert_chain_pems[0].write_to_path(str(certfile))
+    client.private_key_pem.write_to_path(str(keyfile))
+    env = base_env(
+        write(tmp_path, ONE_DESTINATION),
+        CMSYNC_KAFKA_SECURITY_PROTOCOL="SSL",
+        CMSYNC_KAFKA_SSL_CERTFILE=str(certfile),
+        CMSYNC_KAFKA_SSL_KEYFILE=str(keyfile),
+    )
+    kafka = load_settings(env).kafka
+    assert (kafka.ssl_certfile, kafka.ssl_keyfile) == (str(certfile), str(keyfile))
+    assert isinstance(kafka.client_kwargs()["ssl_context"], ssl.SSLContext)
+
+    other_key = tmp_path / "other.key"
+    other.private_key_pem.write_to_path(str(other_key))
+    problem = only_problem(problems_of({**env, "CMSYNC_KAFKA_SSL_KEYFILE": str(other_key)}))
+    assert problem.startswith(f"CMSYNC_KAFKA_SSL_CERTFILE ({certfile}) and")
+    assert "matching" in problem
+    assert "PRIVATE KEY" not in problem
+
+    del env["CMSYNC_KAFKA_SSL_KEYFILE"]
+    assert only_problem(problems_of(env)) == (
+        "CMSYNC_KAFKA_SSL_CERTFILE is set but CMSYNC_KAFKA_SSL_KEYFILE is not: "
+        "mutual TLS needs both"
+    )
+    env.update(CMSYNC_KAFKA_SECURITY_PROTOCOL="PLAINTEXT", CMSYNC_KAFKA_SSL_KEYFILE=str(keyfile))
+    problems = problems_of(env)
+    assert len(problems) == 2
+    assert all("used only with SSL or SASL_SSL" in p for p in problems)
 
 
 def test_client_kwargs_ssl_without_ca_file(valid_env: dict[str, str]) -> None:
@@ -794,6 +951,30 @@ def test_check_config_help_lists_every_variable_and_default(
         else:
             assert "(required)" in line if variable.required else "not set" in line
     assert "CMSYNC_CONSENT_REFRESH_S  (default: 300)" in out
+    assert "CMSYNC_KAFKA_SASL_PASSWORD  (default: not set, secret)" in out
+    flat = " ".join(out.split())
+    assert "NAME_FILE, the path of a file holding it" in flat
+    assert "CMSYNC_TEST, CMSYNC_BENCH, CMSYNC_DEMO" in flat
+    assert "api_key_env" in flat
+
+
+def test_check_config_refuses_two_destinations_on_one_list_with_exit_2(
+    tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = D + "\n" + D.replace('"vip"', '"vip-2"').replace('"vip-customers"', '"top"')
+    set_environ(clean_environ, base_env(write(tmp_path, toml)))
+    assert cli_main([]) == 2
+    assert "segment_ids" in capsys.readouterr().err
+
+
+def test_check_config_refuses_an_unknown_variable_from_the_env_file(
+    tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_environ(clean_environ, base_env(write(tmp_path, ONE_DESTINATION)))
+    env_file = write(tmp_path, "CMSYNC_LOG_LEVLE=debug\n", "cmsync.env")
+    assert cli_main(["--env-file", str(env_file)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variable CMSYNC_LOG_LEVLE; did you mean CMSYNC_LOG_LEVEL?" in err
 
 
 def test_check_config_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,230 @@
+"""`cmsync check-config`: load and validate the configuration, print it resolved, secrets masked.
+
+Exit 0 when valid; exit 2 listing every problem (`ConfigError`) otherwise, or on a usage error.
+``--env-file`` adds ``NAME=VALUE`` lines under the environment (the environment wins), so that a
+deployment's values can be checked before they are deployed. `describe` is the resolved
+configuration as plain data; it never holds a secret's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from operator import attrgetter
+
+import orjson
+
+from consumer.destinations import DESTINATION_KEYS, ENV_NAME_RE, REQUIRED_DESTINATION_KEYS
+from consumer.settings import RESERVED, VARIABLES, ConfigError, Settings, load_settings
+from consumer.variables import FILE_SUFFIX, is_set
+
+_NAMES = frozenset(v.name for v in VARIABLES)
+
+
+def origins_of(env: Mapping[str, str], label: str) -> dict[str, str]:
+    """``{variable: label}`` for every table variable `env` sets (blank counts as unset)."""
+    return {name: label for name, value in env.items() if name in _NAMES and is_set(value)}
+
+
+def _plain(value: object, secret: bool) -> object:
+    if secret:
+        return None if value is None else "***"
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def describe(settings: Settings, origins: Mapping[str, str] | None = None) -> dict[str, object]:
+    """The resolved configuration as plain data (JSON-able), secrets masked as ``"***"``.
+
+    A secret that is not set is ``None``. With `origins` (see `origins_of`) the result also says
+    where each variable's value came from; variables absent from `origins` show "default".
+    API keys are shown per destination (the variable each one names, and ``"***"``).
+    """
+    values: dict[str, object] = {}
+    for variable in VARIABLES:
+        if variable.attr is not None:
+            values[variable.name] = _plain(attrgetter(variable.attr)(settings), variable.secret)
+    destinations = [
+        {
+            "name": d.name,
+            "segment_id": d.segment_id,
+            "list_id": d.list_id,
+            "api_key_env": d.api_key_env,
+            "api_key": "***",
+            "email_field": d.email_field,
+            "name_field": d.name_field,
+            "removal": d.removal,
+            "resubscribe": d.resubscribe,
+            "consent_to_track": d.consent_to_track,
+            "custom_fields": dict(d.custom_fields),
+        }
+        for d in settings.destinations
+    ]
+    described: dict[str, object] = {"settings": values, "destinations": destinations}
+    if origins is not None:
+        described["sources"] = {name: origins.get(name, "default") for name in values}
+    return described
+
+
+def _text_value(value: object) -> str:
+    if value is None:
+        return "(not set)"
+    if value == "***":
+        return "*** (set)"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _aligned(rows: Sequence[tuple[str, str, str]]) -> list[str]:
+    width = max(len(key) for key, _, _ in rows)
+    value_width = max(len(value) for _, value, _ in rows)
+    return [
+        f"{key:<{width}} = {value:<{value_width}}  ({note})".rstrip()
+        if note
+        else f"{key:<{width}} = {value}"
+        for key, value, note in rows
+    ]
+
+
+def render_text(described: Mapping[str, object]) -> str:
+    """`describe` output as aligned ``key = value`` lines, one section per destination."""
+    values = described["settings"]
+    sources = described.get("sources", {})
+    destinations = described["destinations"]
+    assert isinstance(values, dict)
+    assert isinstance(sources, dict)
+    assert isinstance(destinations, list)
+    lines = ["# cmsync configuration (valid; secrets masked)"]
+    lines += _aligned(
+        [(name, _text_value(value), sources.get(name, "")) for name, value in values.items()]
+    )
+    for destination in destinations:
+        rows: list[tuple[str, str, str]] = []
+        for key, value in destination.items():
+            if key == "custom_fields":
+                rows += [(f"custom_fields.{k}", v, "") for k, v in value.items()]
+            elif key == "api_key":
+                rows.append((key, _text_value(value), f"from {destination['api_key_env']}"))
+            else:
+                rows.append((key, _text_value(value), ""))
+        lines += ["", f'[destination "{destination["name"]}"]', *_aligned(rows)]
+    return "\n".join(lines)
+
+
+def _read_env_file(path: str) -> dict[str, str]:
+    """``NAME=VALUE`` lines; blank lines, ``#`` comments and an ``export`` prefix are allowed,
+    one pair of surrounding quotes is removed. No escapes, no inline comments."""
+    where = f"--env-file {path}"
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{where}: file not found"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{where}: is not UTF-8 text"]) from None
+    except OSError as error:
+        raise ConfigError([f"{where}: cannot be read ({error.strerror})"]) from None
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped.removeprefix("export ").lstrip()
+        name, equals, value = stripped.partition("=")
+        name, value = name.strip(), value.strip()
+        if not equals or not ENV_NAME_RE.fullmatch(name):
+            # The line is not echoed: it may hold a secret.
+            problems.append(f"{where}, line {number}: expected NAME=VALUE")
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[name] = value
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def _settings_help() -> str:
+    lines = ["settings (environment variables; blank counts as unset):"]
+    rules = (
+        f"A secret may instead be given as NAME{FILE_SUFFIX}, the path of a file holding it (a "
+        "mounted Secret; its trailing newline is dropped); setting both is an error. The API "
+        "key variables that destinations name in api_key_env are secrets too. Any other "
+        "CMSYNC_* variable is refused with the nearest known name, except names reserved for "
+        "tools that read them themselves (each NAME and NAME_*): " + ", ".join(RESERVED) + "."
+    )
+    for variable in VARIABLES:
+        if variable.default is not None:
+            default = f"default: {variable.default}"
+        else:
+            default = "required" if variable.required else "default: not set"
+        if variable.secret:
+            default += ", secret"
+        lines.append(f"  {variable.name}  ({default})")
+        lines += textwrap.wrap(
+            variable.meaning, 96, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
+    lines += ["", *textwrap.wrap(rules, 96, initial_indent="  ", subsequent_indent="  ")]
+    lines += [
+        "",
+        "destinations file keys ([[destination]] tables):",
+        *textwrap.wrap(
+            ", ".join(DESTINATION_KEYS), 96, initial_indent="  ", subsequent_indent="  "
+        ),
+        "  required: " + ", ".join(REQUIRED_DESTINATION_KEYS),
+    ]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmsync check-config",
+        description="Load and validate the configuration (environment and destinations file)\n"
+        "and print it resolved, secrets masked. Exit 0 when valid; exit 2 listing every\n"
+        "problem otherwise.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="also read NAME=VALUE lines from PATH; variables set in the environment win",
+    )
+    parser.add_argument(
+        "--format", choices=("text", "json"), default="text", help="output format (text)"
+    )
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    """`cmsync check-config`: 0 valid, 2 usage or configuration error."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    env: dict[str, str] = {}
+    origins: dict[str, str] = {}
+    try:
+        if args.env_file is not None:
+            from_file = _read_env_file(args.env_file)
+            env.update(from_file)
+            origins.update(origins_of(from_file, "env file"))
+        env.update((name, value) for name, value in os.environ.items() if is_set(value))
+        origins.update(origins_of(os.environ, "environment"))
+        settings = load_settings(env)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    described = describe(settings, origins)
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps(described, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(render_text(described))
+    return 0

@@ -1,0 +1,359 @@
+"""The destinations file (TOML): ``[[destination]]`` tables, each one segment synced to one list.
+
+`load_destinations(path, env, problems)` reads and checks the file named by
+``CMSYNC_DESTINATIONS_FILE``, and reads each destination's API key from the variable its
+``api_key_env`` names (or that variable's ``_FILE``, as for every secret). Like the settings, it
+records *every* problem, one plain sentence naming the destination and key at fault, instead
+of raising; `consumer.settings.load_settings` raises them all at once.
+
+Rules, stated once:
+
+- A ListID is 32 hexadecimal characters; an upper-case ListID is accepted and lower-cased
+  (Campaign Monitor's IDs are lower-case; an upper-case copy is the same list).
+- Enum values are accepted in any letter case and stored canonically (``yes`` becomes ``Yes``).
+- Names are unique, and one list is written by one destination: two destinations naming the
+  same list would fight over it (one removes what the other adds). A list that should hold
+  several segments is one destination with ``segment_ids`` (contract; a later change).
+- Messages never contain an API key.
+
+Pure apart from reading the destinations file and the secret files it is told about.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal, TypeVar
+
+from consumer.variables import (
+    FILE_SUFFIX,
+    Secret,
+    did_you_mean,
+    read_secret,
+    read_text_file,
+    shown,
+)
+
+Removal = Literal["delete", "unsubscribe"]
+Resubscribe = Literal["never", "deleted-only", "always"]
+ConsentToTrack = Literal["Yes", "No", "Unchanged"]
+
+#: The variable holding the API key of destinations that name no ``api_key_env``.
+DEFAULT_API_KEY_ENV: Final = "CMSYNC_CM_API_KEY"
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One ``[[destination]]`` of the destinations file: one segment synced to one list."""
+
+    name: str
+    segment_id: str
+    list_id: str
+    api_key_env: str
+    api_key: Secret
+    email_field: str
+    name_field: str | None
+    removal: Removal
+    resubscribe: Resubscribe
+    consent_to_track: ConsentToTrack
+    custom_fields: tuple[tuple[str, str], ...]  # (Campaign Monitor key, profile field), file order
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationsFile:
+    """What a readable destinations file gave: its valid destinations, and every variable its
+    tables name in ``api_key_env`` (valid or not, with the default's), which the environment
+    may set although they are no settings of cmsync."""
+
+    destinations: tuple[Destination, ...]
+    key_variables: frozenset[str]
+
+
+_REMOVALS: Final[dict[str, Removal]] = {"delete": "delete", "unsubscribe": "unsubscribe"}
+_RESUBSCRIBES: Final[dict[str, Resubscribe]] = {
+    "never": "never",
+    "deleted-only": "deleted-only",
+    "always": "always",
+}
+_CONSENTS: Final[dict[str, ConsentToTrack]] = {"yes": "Yes", "no": "No", "unchanged": "Unchanged"}
+
+DESTINATION_KEYS: Final = (
+    "name",
+    "segment_id",
+    "list_id",
+    "api_key_env",
+    "email_field",
+    "name_field",
+    "removal",
+    "resubscribe",
+    "consent_to_track",
+    "custom_fields",
+)
+REQUIRED_DESTINATION_KEYS: Final = ("name", "segment_id", "list_id", "email_field")
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_LIST_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", list: "an array"}
+    names |= {dict: "a table", str: "a string"}
+    return names.get(type(value), "a date or time")
+
+
+def load_destinations(
+    path: str, env: Mapping[str, str], problems: list[str]
+) -> DestinationsFile | None:
+    """The destinations of the file at `path` (named by ``CMSYNC_DESTINATIONS_FILE``), API keys
+    read from `env`. Records every problem in `problems`; None when the file could not be read
+    as TOML at all (then nothing is known of the variables it names)."""
+    where = f"CMSYNC_DESTINATIONS_FILE ({path})"
+    text = read_text_file(where, path, problems)
+    if text is None:
+        return None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # The message carries the position: "Invalid value (at line 3, column 9)".
+        problems.append(f"{where}: is not valid TOML: {error}")
+        return None
+    return _parse_destinations(document, env, problems, where)
+
+
+def _parse_destinations(
+    document: Mapping[str, object], env: Mapping[str, str], problems: list[str], where: str
+) -> DestinationsFile:
+    for key in document:
+        if key != "destination":
+            hint = did_you_mean(key, ["destination"])
+            problems.append(f'{where}: unknown top-level key "{key}"{hint}')
+    tables = document.get("destination")
+    if isinstance(tables, dict):
+        problems.append(
+            f"{where}: destinations are written [[destination]] (an array of tables), "
+            "not [destination]"
+        )
+        return DestinationsFile((), frozenset())
+    if tables is not None and not (
+        isinstance(tables, list) and all(isinstance(t, dict) for t in tables)
+    ):
+        problems.append(f'{where}: "destination" must be an array of tables ([[destination]])')
+        return DestinationsFile((), frozenset())
+    if not tables:
+        problems.append(f"{where}: defines no destinations (add a [[destination]] table)")
+        return DestinationsFile((), frozenset())
+    key_variables = frozenset(
+        str(table.get("api_key_env", DEFAULT_API_KEY_ENV)).strip() for table in tables
+    )
+
+    destinations: list[Destination] = []
+    keys = _ApiKeys(env, problems)
+    names: dict[str, list[int]] = {}
+    writers: dict[str, list[str]] = {}  # list_id -> labels of the destinations writing it
+    for number, table in enumerate(tables, start=1):
+        parsed = _parse_destination(number, table, keys, problems)
+        if parsed is None:
+            continue
+        destinations.append(parsed)
+        names.setdefault(parsed.name, []).append(number)
+        writers.setdefault(parsed.list_id, []).append(f'"{parsed.name}"')
+
+    for name, numbers in names.items():
+        if len(numbers) > 1:
+            listed = ", ".join(f"#{n}" for n in numbers)
+            problems.append(f'destination name "{name}" is used more than once ({listed})')
+    for list_id, labels in writers.items():
+        if len(labels) > 1:
+            problems.append(
+                f"destinations {' and '.join(labels)} {'both' if len(labels) == 2 else 'all'} "
+                f"write list {list_id}: one destination "
+                "per list (to fill a list from several segments, give one destination "
+                "segment_ids = [...])"
+            )
+    keys.report_missing()
+    return DestinationsFile(tuple(destinations), key_variables)
+
+
+class _ApiKeys:
+    """Reads each ``api_key_env`` variable once, so that a key file several destinations share
+    is one problem, and gathers the destinations whose key is not set."""
+
+    def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
+        self._env = env
+        self._problems = problems
+        self._read: dict[str, Secret | None] = {}
+        self._failed: set[str] = set()
+        self._missing: dict[str, list[str]] = {}  # variable -> labels of destinations needing it
+
+    def get(self, variable: str, label: str) -> Secret | None:
+        if variable not in self._read:
+            found = len(self._problems)
+            # API keys hold no spaces: any around one were pasted in with it.
+            value = (read_secret(self._env, variable, self._problems) or "").strip()
+            self._read[variable] = Secret(value) if value else None
+            if len(self._problems) > found:
+                self._failed.add(variable)
+        key = self._read[variable]
+        if key is None and variable not in self._failed:
+            self._missing.setdefault(variable, []).append(label)
+        return key
+
+    def report_missing(self) -> None:
+        for variable, labels in self._missing.items():
+            self._problems.append(
+                f"{variable} (or {variable}{FILE_SUFFIX}) is not set or is empty; it holds the "
+                f"Campaign Monitor API key of {', '.join(labels)}"
+            )
+
+
+def _parse_destination(
+    number: int, table: Mapping[str, object], keys: _ApiKeys, problems: list[str]
+) -> Destination | None:
+    """One destination, or None after recording its problems."""
+    raw_name = table.get("name")
+    label = f"destination #{number}"
+    if isinstance(raw_name, str) and _NAME_RE.fullmatch(raw_name):
+        label += f' "{raw_name}"'
+    found = len(problems)
+
+    for key in table:
+        if key not in DESTINATION_KEYS:
+            problems.append(f'{label}: unknown key "{key}"{did_you_mean(key, DESTINATION_KEYS)}')
+    for key in REQUIRED_DESTINATION_KEYS:
+        if key not in table:
+            problems.append(f'{label}: required key "{key}" is missing')
+
+    def string(key: str) -> str | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            problems.append(f'{label}: "{key}" must be a string, not {_toml_type(value)}')
+            return None
+        if not value.strip():
+            problems.append(f'{label}: "{key}" must not be empty')
+            return None
+        if value != value.strip():
+            problems.append(f'{label}: "{key}" must not start or end with spaces')
+            return None
+        return value
+
+    def choice(key: str, choices: Mapping[str, _T], default: _T) -> _T:
+        value = string(key)
+        if value is None:
+            return default
+        found_choice = choices.get(value.lower())
+        if found_choice is None:
+            allowed = ", ".join(f'"{c}"' for c in choices.values())
+            hint = did_you_mean(value.lower(), list(choices))
+            problems.append(f'{label}: "{key}" must be one of {allowed}, got {shown(value)}{hint}')
+            return default
+        return found_choice
+
+    name = string("name")
+    if name is not None and not _NAME_RE.fullmatch(name):
+        problems.append(
+            f'{label}: "name" {shown(name)} is not usable as a metric label: use 1 to 64 '
+            'letters, digits, "-", "_" or "."'
+        )
+    segment_id = string("segment_id")
+    list_id = string("list_id")
+    if list_id is not None:
+        list_id = list_id.lower()
+        if not _LIST_ID_RE.fullmatch(list_id):
+            detail = (
+                f"got {len(list_id)} characters"
+                if len(list_id) != 32
+                else "got characters other than 0-9 and a-f"
+            )
+            problems.append(
+                f'{label}: "list_id" must be a Campaign Monitor ListID, 32 hexadecimal '
+                f"characters ({detail})"
+            )
+    email_field = string("email_field")
+    name_field = string("name_field")
+    removal = choice("removal", _REMOVALS, "delete")
+    resubscribe = choice("resubscribe", _RESUBSCRIBES, "deleted-only")
+    consent = choice("consent_to_track", _CONSENTS, "Unchanged")
+
+    api_key: Secret | None = None
+    api_key_env = string("api_key_env") if "api_key_env" in table else DEFAULT_API_KEY_ENV
+    if api_key_env is not None and not ENV_NAME_RE.fullmatch(api_key_env):
+        problems.append(
+            f'{label}: "api_key_env" must name an environment variable (letters, digits and '
+            f'"_", not starting with a digit), got {shown(api_key_env)}'
+        )
+    elif api_key_env is not None:
+        api_key = keys.get(api_key_env, label)
+
+    custom_fields = _custom_fields(label, table.get("custom_fields", {}), email_field, problems)
+
+    if len(problems) > found or api_key is None:
+        return None
+    # No problem recorded means every required key was found and valid.
+    assert name is not None
+    assert segment_id is not None
+    assert list_id is not None
+    assert email_field is not None
+    assert api_key_env is not None
+    return Destination(
+        name=name,
+        segment_id=segment_id,
+        list_id=list_id,
+        api_key_env=api_key_env,
+        api_key=api_key,
+        email_field=email_field,
+        name_field=name_field,
+        removal=removal,
+        resubscribe=resubscribe,
+        consent_to_track=consent,
+        custom_fields=custom_fields,
+    )
+
+
+def _custom_fields(
+    label: str, raw: object, email_field: str | None, problems: list[str]
+) -> tuple[tuple[str, str], ...]:
+    where = f"{label}: custom_fields"
+    if not isinstance(raw, dict):
+        problems.append(
+            f"{where} must be a table of Campaign Monitor key = profile field, "
+            f"not {_toml_type(raw)}"
+        )
+        return ()
+    fields: list[tuple[str, str]] = []
+    by_folded: dict[str, list[str]] = {}
+    for key, value in raw.items():
+        if not key.strip():
+            problems.append(f"{where}: a Campaign Monitor key must be a non-empty string")
+            continue
+        if not isinstance(value, str):
+            problems.append(
+                f'{where}: "{key}" must map to a profile field name (a string), '
+                f"not {_toml_type(value)}"
+            )
+            continue
+        if not value.strip():
+            problems.append(f'{where}: "{key}" maps to an empty profile field name')
+            continue
+        if value == email_field:
+            problems.append(
+                f'{where}: profile field "{value}" is the email_field and cannot also be the '
+                f'custom field "{key}"'
+            )
+            continue
+        by_folded.setdefault(key.casefold(), []).append(key)
+        fields.append((key, value))
+    for keys in by_folded.values():
+        if len(keys) > 1:
+            spelled = ", ".join(f'"{k}"' for k in keys)
+            problems.append(
+                f"{where}: the Campaign Monitor key {spelled} is mapped more than once "
+                "(keys differ only in letter case, which Campaign Monitor does not distinguish)"
+            )
+    return tuple(fields)
