@@ -9,7 +9,6 @@ fixed texts.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from consumer import observability as obs
+from consumer.retry import Backoff, retry_forever
+from consumer.tuning import (
+    DEAD_LETTER_BACKOFF_BASE_S,
+    DEAD_LETTER_BACKOFF_CAP_S,
+)
 
 log = structlog.get_logger("cmsync.deadletter")
 
@@ -46,10 +50,17 @@ class DeadLetter:
 
 
 class DeadLetterQueue:
-    """Sends dead letters to one topic; retries until the broker acknowledges."""
+    """Sends dead letters to one topic; retries until the broker acknowledges.
 
-    def __init__(self, topic: str, client_kwargs: dict[str, Any]) -> None:
+    Callers: the intake (records that fail decoding, validation or addressing) and the flushers
+    (rows Campaign Monitor rejected), through `send`. It satisfies `flusher.DeadLetterSink`.
+    """
+
+    def __init__(
+        self, topic: str, client_kwargs: dict[str, Any], *, backoff: Backoff | None = None
+    ) -> None:
         self.topic = topic
+        self._backoff = backoff or Backoff(DEAD_LETTER_BACKOFF_BASE_S, DEAD_LETTER_BACKOFF_CAP_S)
         self._producer = AIOKafkaProducer(
             acks="all",
             enable_idempotence=False,
@@ -65,19 +76,26 @@ class DeadLetterQueue:
         await self._producer.stop()
 
     async def send(self, letter: DeadLetter) -> None:
-        """Return once the broker holds the record. Retries with backoff on any Kafka error."""
-        delay = 0.1
-        while True:
-            try:
-                await self._producer.send_and_wait(
-                    self.topic, value=letter.value, key=letter.key, headers=letter.headers()
-                )
-            except KafkaError as exc:  # broker trouble is retried: losing a record is not an option
-                log.warning(
-                    "dead_letter_retry", topic=self.topic, error=type(exc).__name__, delay_s=delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            else:
-                obs.dead_letters.labels(reason=letter.error).inc()
-                return
+        """Return once the broker holds the record. Any Kafka error is retried with the shared
+        backoff policy (`consumer.retry`), without a limit: losing a record is not an option.
+        Cancellation (shutdown) propagates; the record's offset then stays uncommitted."""
+
+        def on_retry(exc: BaseException, attempt: int, delay: float) -> None:
+            log.warning(
+                "dead_letter_retry",
+                topic=self.topic,
+                error=type(exc).__name__,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+            )
+
+        await retry_forever(
+            lambda: self._producer.send_and_wait(
+                self.topic, value=letter.value, key=letter.key, headers=letter.headers()
+            ),
+            retry_on=KafkaError,
+            backoff=self._backoff,
+            on_retry=on_retry,
+        )
+        destination = obs.NO_DESTINATION if letter.destination is None else letter.destination
+        obs.dead_letters.labels(reason=letter.error, destination=destination).inc()

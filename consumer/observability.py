@@ -143,8 +143,9 @@ retries: Final = Counter(
 )
 dead_letters: Final = Counter(
     "cmsync_dead_letters_total",
-    "Records written to the dead-letter topic, by error code.",
-    ["reason"],
+    "Records written to the dead-letter topic, by error code and destination (empty when the"
+    " record failed before it reached one).",
+    ["reason", "destination"],
     registry=REGISTRY,
 )
 freshness: Final = Histogram(
@@ -165,6 +166,43 @@ flush_interval: Final = Gauge(
     "Configured CMSYNC_FLUSH_INTERVAL_S (the freshness objective is this plus 2 s).",
     registry=REGISTRY,
 )
+max_pending: Final = Gauge(
+    "cmsync_max_pending",
+    "Configured CMSYNC_MAX_PENDING: pending changes past which intake pauses (set at start).",
+    registry=REGISTRY,
+)
+
+#: cgroup files holding the container's memory limit (v2, then v1). A value at or above 2**62
+#: (v1's page-aligned LONG_MAX) or "max" means no limit.
+CGROUP_MEMORY_LIMIT_FILES: Final = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+
+
+def cgroup_memory_limit(files: Iterable[str] = CGROUP_MEMORY_LIMIT_FILES) -> float:
+    """The memory limit of this process's container in bytes; NaN when there is none or it
+    cannot be read (outside a container, or an unlimited cgroup). Read on every scrape (one
+    small file), so it follows a limit changed in place."""
+    for name in files:
+        try:
+            with open(name, encoding="ascii") as file:
+                text = file.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**62:
+            return float(text)
+        return float("nan")
+    return float("nan")
+
+
+memory_limit: Final = Gauge(
+    "cmsync_memory_limit_bytes",
+    "Memory limit of the container (cgroup); NaN when unlimited. Compare with"
+    " process_resident_memory_bytes.",
+    registry=REGISTRY,
+)
+memory_limit.set_function(cgroup_memory_limit)
 
 # --------------------------------------------------------------------------- Campaign Monitor API
 
@@ -216,7 +254,13 @@ build_info.info({"version": __version__, "python": sys.version.split()[0]})
 #: alert rules sees the first occurrence (a series born at 1 has no increase).
 INVALID_REASONS: Final = ("invalid_json", "schema", "too_large", "invalid_encoding", "empty")
 SKIP_REASONS: Final = ("no_destination", "late", "duplicate", "consent")
-DEAD_LETTER_REASONS: Final = (*INVALID_REASONS, "missing_email", "invalid_email", "cm_rejected")
+#: Dead-letter reasons of a record that reached a destination (labelled with its name); the
+#: INVALID_REASONS come before routing (labelled with destination "").
+DESTINATION_DEAD_LETTER_REASONS: Final = ("missing_email", "invalid_email", "cm_rejected")
+DEAD_LETTER_REASONS: Final = (*INVALID_REASONS, *DESTINATION_DEAD_LETTER_REASONS)
+#: `dead_letters`' destination label of a record that reached no destination (Prometheus reads
+#: an empty label as an absent one, so `sum by (reason)` queries are unaffected).
+NO_DESTINATION: Final = ""
 
 
 def init_labels(
@@ -237,9 +281,11 @@ def init_labels(
         events_invalid.labels(reason=reason)
     for reason in SKIP_REASONS:
         events_skipped.labels(reason=reason)
-    for reason in DEAD_LETTER_REASONS:
-        dead_letters.labels(reason=reason)
+    for reason in INVALID_REASONS:
+        dead_letters.labels(reason=reason, destination=NO_DESTINATION)
     for name in destinations:
+        for reason in DESTINATION_DEAD_LETTER_REASONS:
+            dead_letters.labels(reason=reason, destination=name)
         pending_changes.labels(destination=name).set(0)
         destination_up.labels(destination=name).set(1)
         changes_coalesced.labels(destination=name)

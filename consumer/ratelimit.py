@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from consumer.tuning import LOOKAHEAD_S
+
 __all__ = ["AimdRateLimiter", "RateLimitInfo"]
 
 _LIMIT = "x-ratelimit-limit"
@@ -41,8 +43,6 @@ _REMAINING = "x-ratelimit-remaining"
 _RESET = "x-ratelimit-reset"
 _NAMES = frozenset((_LIMIT, _REMAINING, _RESET))
 
-#: How far ahead `acquire` reserves slots (see there).
-LOOKAHEAD_S = 0.3
 
 # Each interval is stretched by one part in 10^9: accumulated float rounding over many slots is
 # far smaller, so the window guarantee holds exactly, not just "up to rounding".

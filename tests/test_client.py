@@ -39,7 +39,7 @@ from consumer.campaign_monitor.client import (
     TransientError,
     _classify,
 )
-from consumer.campaign_monitor.simulator import (
+from consumer.devtools.simulator import (
     AddressThrottle,
     FaultConfig,
     Simulator,

@@ -34,6 +34,7 @@ import orjson
 
 from consumer import __version__
 from consumer.ratelimit import RateLimitInfo
+from consumer.tuning import CONNECTION_LIMIT
 
 __all__ = [
     "MAX_IMPORT_ROWS",
@@ -46,6 +47,7 @@ __all__ = [
     "ImportFailure",
     "ImportResult",
     "MemberState",
+    "MembersPage",
     "OAuthToken",
     "RateLimited",
     "RecordRejected",
@@ -58,9 +60,6 @@ __all__ = [
 MAX_IMPORT_ROWS: Final = 1000
 MIN_PAGE_SIZE: Final = 10
 MAX_PAGE_SIZE: Final = 1000
-# Connections kept to the API: far above what one process needs at the configured request rate
-# (flushers are few and calls are short), low enough not to hammer one host if something loops.
-CONNECTION_LIMIT: Final = 16
 
 MemberState = Literal["active", "unsubscribed", "bounced", "deleted", "unconfirmed"]
 ResponseObserver = Callable[[str, int, RateLimitInfo | None, float], None]
@@ -105,6 +104,14 @@ class ImportResult:
     total_new: int
     duplicates: tuple[str, ...]
     failures: tuple[ImportFailure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MembersPage:
+    """One page of a member listing; ``last`` is True when no page follows it."""
+
+    members: tuple[dict[str, Any], ...]
+    last: bool
 
 
 class Credentials(ABC):
@@ -577,15 +584,10 @@ class CampaignMonitorClient:
         Hazard: paging is by page number, so a list that changes while it is read can shift a
         member across a page boundary (read twice or missed). Callers refresh periodically.
         ``page_size`` outside 10..1000 raises `RequestInvalid` (code 801) here, before any request.
+        Rate-limited callers read page by page with `members_page` instead (the service's
+        gateway does: one rate-limit slot per page request).
         """
-        if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
-            raise RequestInvalid(
-                f"Campaign Monitor members: refused before sending, code 801: page size must be"
-                f" {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}",
-                status=0,
-                code=801,
-                endpoint="members",
-            )
+        _check_page_size(page_size)
         return self._members(list_id, state, page_size)
 
     async def _members(
@@ -593,30 +595,44 @@ class CampaignMonitorClient:
     ) -> AsyncIterator[dict[str, Any]]:
         page = 1
         while True:
-            response = await self._request(
-                "members",
-                "GET",
-                f"/lists/{_seg(list_id)}/{state}.json",
-                params={
-                    "page": str(page),
-                    "pagesize": str(page_size),
-                    "orderfield": "email",
-                    "orderdirection": "asc",
-                },
-            )
-            envelope = self._expect_object("members", response)
-            results = envelope.get("Results")
-            if not isinstance(results, list):
-                results = []
-            for member in results:
-                if isinstance(member, dict):
-                    yield member
-            pages = envelope.get("NumberOfPages")
-            if not results or (isinstance(pages, int) and page >= pages):
-                return
-            if not isinstance(pages, int) and len(results) < page_size:
+            found = await self.members_page(list_id, state, page, page_size=page_size)
+            for member in found.members:
+                yield member
+            if found.last:
                 return
             page += 1
+
+    async def members_page(
+        self, list_id: str, state: MemberState, page: int, *, page_size: int = MAX_PAGE_SIZE
+    ) -> MembersPage:
+        """Page ``page`` (from 1) of the members in ``state``, ordered by address: exactly one
+        request. ``last`` tells whether a further page exists (from ``NumberOfPages``, or a
+        short page when the server gives no count). Same hazard and page-size check as
+        `members`."""
+        _check_page_size(page_size)
+        response = await self._request(
+            "members",
+            "GET",
+            f"/lists/{_seg(list_id)}/{state}.json",
+            params={
+                "page": str(page),
+                "pagesize": str(page_size),
+                "orderfield": "email",
+                "orderdirection": "asc",
+            },
+        )
+        envelope = self._expect_object("members", response)
+        results = envelope.get("Results")
+        if not isinstance(results, list):
+            results = []
+        pages = envelope.get("NumberOfPages")
+        last = (
+            not results
+            or (isinstance(pages, int) and page >= pages)
+            or (not isinstance(pages, int) and len(results) < page_size)
+        )
+        members = tuple(member for member in results if isinstance(member, dict))
+        return MembersPage(members, last)
 
     # -- transport ------------------------------------------------------------------------------
 
@@ -720,6 +736,17 @@ class CampaignMonitorClient:
             message if isinstance(message, str) else None,
             info,
             self._credentials._secret(),
+        )
+
+
+def _check_page_size(page_size: int) -> None:
+    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
+        raise RequestInvalid(
+            f"Campaign Monitor members: refused before sending, code 801: page size must be"
+            f" {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}",
+            status=0,
+            code=801,
+            endpoint="members",
         )
 
 

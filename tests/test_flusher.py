@@ -1,0 +1,379 @@
+"""The flusher's loop and its batches, against a fake gateway, a fake dead-letter sink and a
+fake clock: what is sent, what is dead-lettered, what is released, and when.
+
+The real gateway is tested against the simulator (tests/test_gateway.py); the whole path
+through the broker in tests/test_sync.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from consumer import observability as obs
+from consumer.buffer import AppliedMemory, Change, DestinationBuffer, Position, partition_offset
+from consumer.campaign_monitor.client import (
+    ImportFailure,
+    ImportResult,
+    MemberState,
+    RecordRejected,
+    SubscriberRow,
+)
+from consumer.consent import Consent
+from consumer.deadletter import DeadLetter
+from consumer.flusher import DestinationFlusher
+from consumer.gateway import RemovalMode
+from consumer.rows import payload_of
+from consumer.settings import Destination, load_settings
+from tests.simulator_fixtures import FakeClock
+
+TOPIC = "membership"
+FLUSH_INTERVAL_S = 5.0
+DESTINATIONS_TOML = """
+[[destination]]
+name = "news"
+segment_id = "seg"
+list_id = "0123456789abcdef0123456789abcdef"
+email_field = "email"
+name_field = "full_name"
+resubscribe = "deleted-only"
+
+[destination.custom_fields]
+City = "city"
+"""
+
+
+@pytest.fixture
+def destination(tmp_path: Path) -> Destination:
+    """A destination as the service reads it (through the public settings loader)."""
+    path = tmp_path / "destinations.toml"
+    path.write_text(DESTINATIONS_TOML, encoding="utf-8")
+    settings = load_settings(
+        {
+            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
+            "CMSYNC_DESTINATIONS_FILE": str(path),
+            "CMSYNC_CM_API_KEY": "test-key",
+        }
+    )
+    return settings.destinations[0]
+
+
+class FakeGateway:
+    """Records calls; answers from what the test put in. `stall()` makes calls wait, reporting
+    a stall, until `recover()` (what the real gateway does while Campaign Monitor refuses)."""
+
+    def __init__(self) -> None:
+        self.imports: list[tuple[list[SubscriberRow], bool]] = []
+        self.removals: list[tuple[RemovalMode, str]] = []
+        self.listings: list[MemberState] = []
+        self.import_failures: dict[str, int] = {}  # address -> Campaign Monitor code
+        self.removal_answers: dict[str, int] = {}  # address -> 203 (not in list) or error code
+        self.members_in: dict[MemberState, list[str]] = {}
+        self._stalled: str | None = None
+        self._recovered = asyncio.Event()
+        self._recovered.set()
+
+    def stall(self, reason: str) -> None:
+        self._stalled = reason
+        self._recovered.clear()
+
+    def recover(self) -> None:
+        self._stalled = None
+        self._recovered.set()
+
+    async def import_subscribers(
+        self, list_id: str, rows: Sequence[SubscriberRow], *, resubscribe: bool, destination: str
+    ) -> ImportResult:
+        await self._recovered.wait()
+        self.imports.append((list(rows), resubscribe))
+        failures = tuple(
+            ImportFailure(row.email, self.import_failures[row.email], "refused")
+            for row in rows
+            if row.email in self.import_failures
+        )
+        return ImportResult(len(rows), 0, len(rows) - len(failures), (), failures)
+
+    async def remove(
+        self, list_id: str, address: str, *, how: RemovalMode, destination: str
+    ) -> bool:
+        await self._recovered.wait()
+        self.removals.append((how, address))
+        code = self.removal_answers.get(address)
+        if code == 203:
+            return False  # the client's answer for "not in list"
+        if code is not None:
+            raise RecordRejected("refused", status=400, code=code, endpoint=how)
+        return True
+
+    async def members(
+        self, list_id: str, state: MemberState, *, destination: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        self.listings.append(state)
+        for address in self.members_in.get(state, []):
+            yield {"EmailAddress": address, "State": state}
+
+    def stalled_reason(self, destination: str) -> str | None:
+        return self._stalled
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.letters: list[DeadLetter] = []
+
+    async def send(self, letter: DeadLetter) -> None:
+        self.letters.append(letter)
+
+
+class Rig:
+    """One flusher over a real buffer, with fakes around it; positions are offsets of
+    partition 0 and `released` collects what the flusher hands back."""
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self.clock = FakeClock()
+        self.gateway = FakeGateway()
+        self.sink = FakeSink()
+        self.released: list[Position] = []
+        self.buffer = DestinationBuffer(
+            destination.name,
+            AppliedMemory(1000),
+            flush_interval_s=FLUSH_INTERVAL_S,
+            max_removals=25,
+        )
+        self.flusher = DestinationFlusher(
+            destination=destination,
+            buffer=self.buffer,
+            gateway=self.gateway,
+            consent=Consent(destination, self.gateway, refresh_s=300, clock=self.clock),
+            dead_letters=self.sink,
+            release=self.release,
+            source_topic=TOPIC,
+            clock=self.clock,
+        )
+        self._offset = 0
+        self._changed = asyncio.Event()
+
+    def release(self, positions: Iterable[Position]) -> None:
+        self.released.extend(positions)
+        self._changed.set()
+
+    def offer(self, address: str, *, entered: bool = True, **profile: Any) -> Position:
+        """Buffer one change (as the intake would) and return its position."""
+        offset, self._offset = self._offset, self._offset + 1
+        position: Position = offset << 32  # partition 0
+        profile = {"id": f"p{offset}", "email": address, **profile}
+        value = orjson.dumps(
+            {
+                "event_id": f"e{offset}",
+                "segment_id": "seg",
+                "change": "entered" if entered else "exited",
+                "occurred_at": "2026-11-29T12:00:00Z",
+                "profile": profile,
+            }
+        )
+        change = Change(
+            address.lower(),
+            entered,
+            1_700_000_000_000 + offset,
+            position,
+            f"e{offset}",
+            payload_of(profile["id"].encode(), value, profile["id"]),
+            position,
+        )
+        self.buffer.offer(change, self.clock())
+        self.flusher.wake()
+        return position
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait until `condition()` holds; the bound only keeps a broken flusher from hanging
+        the suite (nothing here is timed)."""
+
+        async def wait() -> None:
+            while not condition():
+                self._changed.clear()
+                # Woken by a release; the short timeout covers conditions on other state.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.05)
+
+        try:
+            await asyncio.wait_for(wait(), 10)
+        except TimeoutError:
+            pytest.fail(f"never happened: {what}")
+
+    def due(self) -> None:
+        """Let the flush interval pass."""
+        self.clock.advance(FLUSH_INTERVAL_S)
+        self.flusher.wake()
+
+
+@pytest.fixture
+async def rig(destination: Destination) -> AsyncIterator[Rig]:
+    rig = Rig(destination)
+    task = asyncio.create_task(rig.flusher.run())
+    try:
+        yield rig
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def metric(name: str, **labels: str) -> float:
+    return obs.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def ordered(positions: Iterable[Position]) -> list[Position]:
+    return sorted(positions)
+
+
+async def test_import_with_a_rejected_row_dead_letters_it_and_releases_every_change(
+    rig: Rig,
+) -> None:
+    applied_before = metric("cmsync_changes_applied_total", destination="news", kind="add")
+    good = rig.offer("Ada@example.com", full_name="Ada", city="London")
+    bad = rig.offer("bad@example.com", full_name="Bad")
+    other = rig.offer("grace@example.com", city=None)
+    rig.gateway.import_failures["bad@example.com"] = 1
+    rig.due()
+    await rig.until(lambda: len(rig.released) == 3, "all three positions released")
+
+    assert ordered(rig.released) == [good, bad, other]
+    [(rows, resubscribe)] = rig.gateway.imports
+    assert resubscribe is True  # deleted-only: what the sync deleted comes back
+    by_email = {row.email: row for row in rows}
+    assert set(by_email) == {"ada@example.com", "bad@example.com", "grace@example.com"}
+    assert by_email["ada@example.com"].name == "Ada"
+    assert [(f.key, f.value) for f in by_email["ada@example.com"].custom_fields] == [
+        ("City", "London")
+    ]
+    assert by_email["grace@example.com"].custom_fields[0].clear  # null clears the field
+    [letter] = rig.sink.letters
+    partition, offset = partition_offset(bad)
+    assert (letter.error, letter.cm_code, letter.destination) == ("cm_rejected", 1, "news")
+    assert letter.source == f"{TOPIC}/{partition}/{offset}"
+    assert letter.key == b"p1"  # the key, read back from the value (it was the profile id)
+    assert orjson.loads(letter.value or b"")["profile"]["email"] == "bad@example.com"
+    assert "bad@example.com" not in letter.detail  # no personal data in the detail
+    applied_after = metric("cmsync_changes_applied_total", destination="news", kind="add")
+    assert applied_after - applied_before == 2
+    assert rig.flusher.drained()
+
+
+async def test_removals_answered_not_in_list_or_already_inactive_count_as_done(
+    rig: Rig,
+) -> None:
+    before = metric("cmsync_changes_applied_total", destination="news", kind="remove")
+    positions = [
+        rig.offer("gone@example.com", entered=False),
+        rig.offer("absent@example.com", entered=False),
+        rig.offer("unsubscribed@example.com", entered=False),
+        rig.offer("bounced@example.com", entered=False),
+        rig.offer("refused@example.com", entered=False),
+    ]
+    rig.gateway.removal_answers.update(
+        {
+            "absent@example.com": 203,  # not in the list
+            "unsubscribed@example.com": 206,  # already unsubscribed
+            "bounced@example.com": 207,  # already bounced
+            "refused@example.com": 1,  # invalid address: the record is dead-lettered
+        }
+    )
+    rig.due()
+    await rig.until(lambda: len(rig.released) == 5, "all five positions released")
+
+    assert ordered(rig.released) == positions
+    assert sorted(address for _, address in rig.gateway.removals) == sorted(
+        ["gone@example.com", "absent@example.com", "unsubscribed@example.com",
+         "bounced@example.com", "refused@example.com"]
+    )  # fmt: skip
+    assert {how for how, _ in rig.gateway.removals} == {"delete"}
+    [letter] = rig.sink.letters
+    assert (letter.error, letter.cm_code) == ("cm_rejected", 1)
+    after = metric("cmsync_changes_applied_total", destination="news", kind="remove")
+    assert after - before == 4
+
+
+async def test_consent_protected_addresses_are_neither_imported_nor_removed(rig: Rig) -> None:
+    rig.gateway.members_in = {
+        "unsubscribed": ["Left@Example.com"],
+        "bounced": ["bounced@example.com"],
+    }
+    skipped_before = metric("cmsync_events_skipped_total", reason="consent")
+    positions = [
+        rig.offer("left@example.com"),
+        rig.offer("new@example.com"),
+        rig.offer("bounced@example.com", entered=False),
+    ]
+    rig.due()
+    await rig.until(lambda: len(rig.released) == 3, "all three positions released")
+
+    assert ordered(rig.released) == positions
+    [(rows, _)] = rig.gateway.imports
+    assert [row.email for row in rows] == ["new@example.com"]
+    assert rig.gateway.removals == []
+    assert sorted(rig.gateway.listings) == ["bounced", "unsubscribed"]  # one read per state
+    assert metric("cmsync_events_skipped_total", reason="consent") - skipped_before == 1
+    assert rig.sink.letters == []
+
+
+async def test_nothing_is_protected_when_the_destination_always_resubscribes(
+    destination: Destination,
+) -> None:
+    rig = Rig(dataclasses.replace(destination, resubscribe="always"))
+    rig.gateway.members_in = {"unsubscribed": ["left@example.com"]}
+    task = asyncio.create_task(rig.flusher.run())
+    try:
+        rig.offer("left@example.com")
+        rig.due()
+        await rig.until(lambda: len(rig.released) == 1, "the add released")
+    finally:
+        task.cancel()
+    [(rows, resubscribe)] = rig.gateway.imports
+    assert [row.email for row in rows] == ["left@example.com"]
+    assert resubscribe is True
+    assert rig.gateway.listings == []  # no listing read for a policy that does not need it
+
+
+async def test_drain_sends_at_once_and_end_drain_restores_the_flush_interval(rig: Rig) -> None:
+    first = rig.offer("ada@example.com")
+    removal = rig.offer("grace@example.com", entered=False)
+    rig.flusher.drain()  # the clock does not move: nothing is due by the flush interval
+    await rig.until(lambda: len(rig.released) == 2, "drained without waiting")
+    assert ordered(rig.released) == [first, removal]
+    assert rig.flusher.drained()
+
+    rig.flusher.end_drain()
+    later = rig.offer("linus@example.com")
+    await asyncio.sleep(0.1)  # room for a (wrong) flush; passing late would not hide a bug
+    assert later not in rig.released
+    assert len(rig.gateway.imports) == 1
+    rig.due()
+    await rig.until(lambda: later in rig.released, "sent once the interval passed")
+    assert len(rig.gateway.imports) == 2
+
+
+def stalled(rig: Rig) -> str | None:
+    """Read afresh each time (a property mypy would otherwise narrow across awaits)."""
+    return rig.flusher.stalled_reason
+
+
+async def test_a_stalled_destination_is_reported_and_holds_its_positions(rig: Rig) -> None:
+    rig.gateway.stall("Campaign Monitor refused the destination (HTTP 401, code 100)")
+    position = rig.offer("ada@example.com")
+    rig.due()
+    assert stalled(rig) == "Campaign Monitor refused the destination (HTTP 401, code 100)"
+    await rig.until(lambda: rig.buffer.in_flight() == 1, "the batch taken into flight")
+    assert rig.released == []  # nothing durable while the destination is refused
+    assert not rig.flusher.drained()
+
+    rig.gateway.recover()
+    await rig.until(lambda: rig.released == [position], "released after recovery")
+    assert stalled(rig) is None
+    assert rig.flusher.drained()

@@ -1,0 +1,265 @@
+"""The gateway to Campaign Monitor against the simulator over real HTTP: every request takes a
+rate-limit slot (listing pages one each), retries, the stall of one destination, and one
+gateway per API key value."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from consumer import observability as obs
+from consumer.campaign_monitor.client import (
+    ApiKey,
+    CampaignMonitorClient,
+    RecordRejected,
+    SubscriberRow,
+)
+from consumer.consent import Consent
+from consumer.devtools.simulator import FaultConfig, Simulator, SimulatorConfig, serve
+from consumer.gateway import ApiGateway, gateways_for
+from consumer.ratelimit import AimdRateLimiter
+from consumer.retry import Backoff
+from consumer.settings import Destination, load_settings
+from tests.simulator_fixtures import FakeClock
+
+KEY = "k3y-for-gateway-tests"
+OTHER_KEY = "another-k3y"
+#: High enough that pacing never slows a test; the fake clock makes slots countable instead.
+RPS = 1000.0
+LIST_ID = "0123456789abcdef0123456789abcdef"
+
+DESTINATIONS_TOML = f"""
+[[destination]]
+name = "news"
+segment_id = "seg"
+list_id = "{LIST_ID}"
+email_field = "email"
+
+[[destination]]
+name = "vip"
+segment_id = "seg"
+list_id = "fedcba9876543210fedcba9876543210"
+api_key_env = "SAME_KEY_OTHER_VARIABLE"
+email_field = "email"
+
+[[destination]]
+name = "partner"
+segment_id = "seg"
+list_id = "00000000000000000000000000000001"
+api_key_env = "PARTNER_KEY"
+email_field = "email"
+"""
+
+
+@pytest.fixture
+def destinations(tmp_path: Path) -> dict[str, Destination]:
+    """Three destinations as the service reads them: two variables hold the same key."""
+    path = tmp_path / "destinations.toml"
+    path.write_text(DESTINATIONS_TOML, encoding="utf-8")
+    settings = load_settings(
+        {
+            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
+            "CMSYNC_DESTINATIONS_FILE": str(path),
+            "CMSYNC_CM_API_KEY": KEY,
+            "SAME_KEY_OTHER_VARIABLE": KEY,
+            "PARTNER_KEY": OTHER_KEY,
+        }
+    )
+    return {d.name: d for d in settings.destinations}
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    sim = Simulator(SimulatorConfig(api_keys=(KEY, OTHER_KEY)))
+    sim.add_list(LIST_ID)
+    return sim
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def gateway(sim: Simulator, clock: FakeClock) -> AsyncIterator[ApiGateway]:
+    """The gateway of KEY, with a fake clock (so slots can be counted: see `slots`) and short
+    waits for backoff and stalls."""
+    async with serve(sim) as base_url, aiohttp.ClientSession() as session:
+        client = CampaignMonitorClient(base_url, ApiKey(KEY), session=session)
+        yield ApiGateway(
+            "CMSYNC_CM_API_KEY",
+            client,
+            AimdRateLimiter(RPS),
+            clock=clock,
+            backoff=Backoff(0.001, 0.01),
+            stall_retry_s=0.02,
+        )
+
+
+def slots(gateway: ApiGateway, clock: FakeClock) -> int:
+    """Rate-limit slots taken so far. The fake clock never moves, so each slot pushes the next
+    free one a further interval ahead of `now`."""
+    return round(gateway.limiter.next_slot_in(clock()) * gateway.limiter.rate)
+
+
+def requests(sim: Simulator, endpoint: str) -> int:
+    return sum(sim.request_counts().get(endpoint, {}).values())
+
+
+def metric(name: str, **labels: str) -> float:
+    return obs.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_each_listing_page_takes_one_slot(
+    gateway: ApiGateway, sim: Simulator, clock: FakeClock
+) -> None:
+    for n in range(25):
+        sim.force_state(LIST_ID, f"Person{n:02}@example.com", "Unsubscribed", suppress=False)
+    members = [
+        m["EmailAddress"]
+        async for m in gateway.members(LIST_ID, "unsubscribed", destination="news", page_size=10)
+    ]
+    assert len(members) == 25
+    assert requests(sim, "members") == 3  # pages of 10, 10 and 5
+    assert slots(gateway, clock) == 3
+
+
+async def test_consent_reads_the_protected_addresses_through_the_gateway(
+    gateway: ApiGateway, sim: Simulator, clock: FakeClock, destinations: dict[str, Destination]
+) -> None:
+    sim.force_state(LIST_ID, "Left@Example.com", "Unsubscribed", suppress=False)
+    sim.force_state(LIST_ID, "bounced@example.com", "Bounced")
+    sim.force_state(LIST_ID, "active@example.com", "Active")
+    consent = Consent(destinations["news"], gateway, refresh_s=300, clock=clock)
+
+    assert await consent.protected() == {"left@example.com", "bounced@example.com"}
+    assert await consent.protected() == {"left@example.com", "bounced@example.com"}
+    assert requests(sim, "members") == 2  # one page per state, then cached
+    assert slots(gateway, clock) == 2
+    clock.advance(300)
+    await consent.protected()
+    assert requests(sim, "members") == 4  # refreshed
+
+
+async def test_transient_errors_are_retried_until_the_request_succeeds(
+    gateway: ApiGateway, sim: Simulator, clock: FakeClock
+) -> None:
+    before = metric("cmsync_retries_total", destination="news", reason="transient")
+    sim.set_faults(FaultConfig(script=[503, 0, 500]))  # two errors and a dropped connection
+    result = await gateway.import_subscribers(
+        LIST_ID, [SubscriberRow("ada@example.com")], resubscribe=True, destination="news"
+    )
+    assert result.failures == ()
+    assert "ada@example.com" in sim.list_state(LIST_ID)
+    assert requests(sim, "import") == 4
+    assert slots(gateway, clock) == 4  # every attempt took its own slot
+    after = metric("cmsync_retries_total", destination="news", reason="transient")
+    assert after - before == 3
+
+
+async def test_a_429_is_retried_at_once_and_slows_the_limiter(
+    gateway: ApiGateway, sim: Simulator
+) -> None:
+    before = metric("cmsync_retries_total", destination="news", reason="rate_limited")
+    sim.force_state(LIST_ID, "someone@example.com", "Active")
+    sim.set_faults(FaultConfig(script=[429]))
+    assert await gateway.remove(LIST_ID, "someone@example.com", how="delete", destination="news")
+    assert sim.list_state(LIST_ID)["someone@example.com"]["State"] == "Deleted"
+    assert gateway.limiter.rate == RPS / 2  # the observer told the limiter
+    assert requests(sim, "delete") == 2
+    after = metric("cmsync_retries_total", destination="news", reason="rate_limited")
+    assert after - before == 1
+
+
+async def test_a_removal_of_an_address_not_in_the_list_is_done_and_a_refusal_is_raised(
+    gateway: ApiGateway, sim: Simulator
+) -> None:
+    # Code 203 is an answer (False), not an error; an invalid address is the record's fault.
+    assert not await gateway.remove(
+        LIST_ID, "absent@example.com", how="unsubscribe", destination="news"
+    )
+    with pytest.raises(RecordRejected) as refused:
+        await gateway.remove(LIST_ID, "not-an-address", how="delete", destination="news")
+    assert refused.value.code == 1
+    assert requests(sim, "delete") == 1  # not retried
+
+
+async def stall_of(gateway: ApiGateway, destination: str) -> str:
+    # The gateway offers no event to await for a stall (nothing in the service needs one).
+    while (reason := gateway.stalled_reason(destination)) is None:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return reason
+
+
+async def test_a_refused_destination_stalls_alone_and_recovers(
+    gateway: ApiGateway, sim: Simulator, destinations: dict[str, Destination]
+) -> None:
+    missing = destinations["vip"].list_id  # no such list yet: Code 101, DestinationFatal
+    call = asyncio.create_task(
+        gateway.import_subscribers(
+            missing, [SubscriberRow("ada@example.com")], resubscribe=True, destination="vip"
+        )
+    )
+    reason = await asyncio.wait_for(stall_of(gateway, "vip"), 10)
+    assert "code 101" in reason
+    assert metric("cmsync_destination_up", destination="vip") == 0.0
+    assert gateway.stalled_reason("news") is None  # the other destination of the key goes on
+    await gateway.remove(LIST_ID, "x@example.com", how="delete", destination="news")
+
+    sim.add_list(missing)
+    await asyncio.wait_for(call, 10)
+    assert gateway.stalled_reason("vip") is None
+    assert metric("cmsync_destination_up", destination="vip") == 1.0
+    assert "ada@example.com" in sim.list_state(missing)
+
+
+async def test_one_gateway_per_key_value_named_after_its_first_variable(
+    destinations: dict[str, Destination],
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        gateways = gateways_for(
+            destinations.values(),
+            base_url="http://127.0.0.1:9/api/v3.3",
+            rate_limit_rps=10,
+            session=session,
+        )
+    assert gateways["news"] is gateways["vip"]  # two variables, one key: one limiter
+    assert gateways["news"].key_name == "CMSYNC_CM_API_KEY"  # the first variable's name
+    assert gateways["partner"] is not gateways["news"]
+    assert gateways["partner"].key_name == "PARTNER_KEY"
+    assert gateways["news"].limiter is not gateways["partner"].limiter
+    renamed = dataclasses.replace(destinations["news"], name="late", api_key_env="THIRD")
+    again = gateways_for(
+        [renamed, destinations["news"]],
+        base_url="http://127.0.0.1:9/api/v3.3",
+        rate_limit_rps=10,
+        session=None,
+    )
+    assert again["late"].key_name == "THIRD"  # first in the file, whatever its name
+    assert again["late"] is again["news"]
+
+
+async def test_calls_of_two_variables_with_one_key_share_the_slots(
+    sim: Simulator, destinations: dict[str, Destination], clock: FakeClock
+) -> None:
+    sim.add_list(destinations["vip"].list_id)
+    async with serve(sim) as base_url, aiohttp.ClientSession() as session:
+        gateways = gateways_for(
+            destinations.values(),
+            base_url=base_url,
+            rate_limit_rps=RPS,
+            session=session,
+            clock=clock,
+        )
+        for name in ("news", "vip", "news"):
+            dest = destinations[name]
+            await gateways[name].remove(
+                dest.list_id, "x@example.com", how="delete", destination=name
+            )
+        assert slots(gateways["vip"], clock) == 3
+        assert slots(gateways["partner"], clock) == 0
