@@ -54,6 +54,7 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
+from typing import Final
 
 __all__ = [
     "AppliedMemory",
@@ -72,8 +73,8 @@ __all__ = [
 #: 56 bytes fewer. The buffer only keeps and hands back positions; `position` and
 #: `partition_offset` pack and unpack them.
 Position = int
-_PARTITION_BITS = 32
-_PARTITION_MASK = (1 << _PARTITION_BITS) - 1
+_PARTITION_BITS: Final = 32
+_PARTITION_MASK: Final = (1 << _PARTITION_BITS) - 1
 
 
 def position(partition: int, offset: int) -> Position:
@@ -241,6 +242,21 @@ class AppliedMemory:
     def remember(self, destination: str, key: str, occurred_at_ms: int, entered: bool) -> None:
         """Record an applied change (no-op when disabled; never regresses in event time)."""
         self._remember_packed(hash((destination, key)), occurred_at_ms * 2 + entered)
+
+    def is_late(self, destination: str, key: str, occurred_at_ms: int, entered: bool) -> bool:
+        """True when the change last applied for the pair makes this one late: it is newer,
+        or it has the same ``occurred_at_ms`` and the same direction (a replayed repeat).
+        A hit touches the entry, as ``get`` does. Always False when disabled.
+
+        On the intake's hot path (``DestinationBuffer.offer``): one hash, one probe.
+        """
+        packed = self._get_packed(hash((destination, key)))
+        if packed is None:
+            return False
+        applied_at = packed >> 1
+        return occurred_at_ms < applied_at or (
+            occurred_at_ms == applied_at and entered == (packed & 1)
+        )
 
     def __len__(self) -> int:
         return self._len
@@ -467,7 +483,7 @@ class DestinationBuffer:
                 ready[current.entered] -= 1
                 ready[change.entered] += 1
                 if not (entry._tick1 if change.entered else entry._tick0):
-                    self._push(entry)
+                    self._push(entry, change.entered, entry.first_seen, key)
             return _REPLACED, []
         flying = self._in_flight.get(key)
         if flying is not None:
@@ -484,24 +500,14 @@ class DestinationBuffer:
             # Newer than the flight: waits as a new entry, checked against the memory at take.
             self._buffered[key] = Entry(change, change.position, now)
             return _NEW, []
-        kind = change.entered
-        if self._remember:
-            packed = self._applied._get_packed(hash((self._destination, key)))
-            if packed is not None:
-                applied_at = packed >> 1
-                at = change.occurred_at_ms
-                if at < applied_at or (at == applied_at and kind == (packed & 1)):
-                    return _LATE, [change.position]
+        if self._remember and self._applied.is_late(
+            self._destination, key, change.occurred_at_ms, change.entered
+        ):
+            return _LATE, [change.position]
         entry = Entry(change, change.position, now)
         self._buffered[key] = entry
-        # `_make_ready` and `_push`, inlined: a new entry has no heap item yet.
-        self._ready[kind] += 1
-        tick = next(self._tick)
-        if kind:
-            entry._tick1 = tick
-        else:
-            entry._tick0 = tick
-        heappush(self._heaps[kind], (now, tick, key))
+        self._ready[change.entered] += 1
+        self._push(entry, change.entered, now, key)  # a new entry has no heap item yet
         return _NEW, []
 
     def pending(self) -> int:
@@ -516,6 +522,12 @@ class DestinationBuffer:
         """(adds, removals) buffered and ready to be taken (not blocked by an in-flight key)."""
         return self._ready[1], self._ready[0]
 
+    def full_import_ready(self) -> bool:
+        """A full import (``max_adds`` ready adds) waits: it is due now, whatever its age, so
+        whoever offers changes should wake the flusher instead of letting it sleep until the
+        flush interval."""
+        return self._ready[1] >= self._max_adds
+
     def due(self, now: float) -> bool:
         """True when ``take(now)`` would take something: a full import of ready adds, or an
         add or a removal that has waited ``flush_interval_s``."""
@@ -525,7 +537,7 @@ class DestinationBuffer:
         """Seconds until ``due`` (0.0 if due now); None when nothing is ready (empty, or every
         buffered key is in flight: ask again after ``complete``). ``adds``/``removals`` as for
         ``take``: only the kinds asked about count."""
-        if adds and self._ready[1] >= self._max_adds:
+        if adds and self.full_import_ready():
             return 0.0
         deadline = math.inf
         for kind in (True,) * adds + (False,) * removals:
@@ -575,8 +587,8 @@ class DestinationBuffer:
                 continue
             del in_flight[key]
             if applied:
-                self._applied._remember_packed(
-                    hash((self._destination, key)), change.occurred_at_ms * 2 + change.entered
+                self._applied.remember(
+                    self._destination, key, change.occurred_at_ms, change.entered
                 )
             released.extend(entry.holds)
             waiting = self._buffered.get(key)
@@ -615,16 +627,17 @@ class DestinationBuffer:
         kind = entry.change.entered
         self._ready[kind] += 1
         if not (entry._tick1 if kind else entry._tick0):
-            self._push(entry)
+            self._push(entry, kind, entry.first_seen, entry.change.key)
 
-    def _push(self, entry: Entry) -> None:
-        kind = entry.change.entered
+    def _push(self, entry: Entry, kind: bool, first_seen: float, key: str) -> None:
+        """Give ``entry`` (of ``kind``, ``first_seen`` and ``key``: passed in, not read from it,
+        because ``offer`` has them at hand on the hot path) a new item in its kind's heap."""
         tick = next(self._tick)
         if kind:
             entry._tick1 = tick
         else:
             entry._tick0 = tick
-        heappush(self._heaps[kind], (entry.first_seen, tick, entry.change.key))
+        heappush(self._heaps[kind], (first_seen, tick, key))
 
     def _top(self, kind: bool) -> Entry | None:
         """Oldest ready entry of a kind; discards stale heap items on the way.
@@ -655,7 +668,7 @@ class DestinationBuffer:
         return entry is not None and entry.first_seen + self._flush_interval_s <= now
 
     def _adds_due(self, now: float) -> bool:
-        return self._ready[1] >= self._max_adds or self._aged(self._top(True), now)
+        return self.full_import_ready() or self._aged(self._top(True), now)
 
     def _take_kind(
         self, kind: bool, limit: int, until: float, out: list[Entry], late: list[Entry]
@@ -665,7 +678,7 @@ class DestinationBuffer:
         heap = self._heaps[kind]
         buffered = self._buffered
         in_flight = self._in_flight
-        applied = self._applied
+        applied, remember, destination = self._applied, self._remember, self._destination
         interval = self._flush_interval_s
         while len(out) < limit:
             entry = self._top(kind)
@@ -677,13 +690,8 @@ class DestinationBuffer:
             key = change.key
             del buffered[key]
             self._ready[kind] -= 1
-            if self._remember:
-                packed = applied._get_packed(hash((self._destination, key)))
-                if packed is not None:
-                    applied_at = packed >> 1
-                    at = change.occurred_at_ms
-                    if at < applied_at or (at == applied_at and change.entered == (packed & 1)):
-                        late.append(entry)
-                        continue
+            if remember and applied.is_late(destination, key, change.occurred_at_ms, kind):
+                late.append(entry)
+                continue
             in_flight[key] = entry
             out.append(entry)

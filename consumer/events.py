@@ -5,11 +5,12 @@ dead-letter it). It never raises, whatever the bytes: a record that cannot be de
 the dead-letter topic, not stall its partition.
 
 The JSON Schema in ``schemas/segment-membership.v1.json`` is the single source of truth for what
-a valid event is. It is compiled once, at import, with ``jsonschema_rs``; this module only maps
-an event the schema accepts onto `MembershipChange` (CloudEvents and native forms alike) and
-turns ``occurred_at`` into UTC epoch milliseconds. The schema directory can be moved with the
-environment variable ``CMSYNC_SCHEMA_DIR`` (the container image copies ``schemas/`` next to the
-package).
+a valid event is. It ships inside the package (the folder is installed as ``consumer.schemas``)
+and is read with ``importlib.resources``, so an installed wheel needs no source tree. It is
+compiled once, at import, with ``jsonschema_rs``; this module only maps an event the schema
+accepts onto `MembershipChange` (CloudEvents and native forms alike) and turns ``occurred_at``
+into UTC epoch milliseconds. ``CMSYNC_SCHEMA_DIR`` (declared in `consumer.settings`) may name
+another directory holding the schema, to try a draft; nothing needs it.
 
 Privacy: `Invalid.detail` goes into logs and dead-letter headers, so it names fields and rules
 but never repeats a value from the message. Field names that do not look like field names
@@ -30,6 +31,8 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
@@ -83,10 +86,11 @@ class Invalid:
     detail: str
 
 
-def schema_path() -> Path:
-    """Where the v1 schema is read from: ``$CMSYNC_SCHEMA_DIR`` or ``<repo>/schemas``."""
+def schema_path() -> Traversable:
+    """Where the v1 schema is read from: ``$CMSYNC_SCHEMA_DIR`` if set, else the package's own
+    copy (``consumer.schemas``, which is the top-level ``schemas/`` folder; see pyproject)."""
     directory = os.environ.get("CMSYNC_SCHEMA_DIR")
-    base = Path(directory) if directory else Path(__file__).resolve().parent.parent / "schemas"
+    base = Path(directory) if directory else files("consumer.schemas")
     return base / SCHEMA_FILE_NAME
 
 
@@ -97,10 +101,12 @@ def _load_validators() -> tuple[
     try:
         schema = orjson.loads(path.read_bytes())
     except OSError as exc:
-        raise RuntimeError(
-            f"cannot read the event schema {path} ({exc.strerror}); set CMSYNC_SCHEMA_DIR to the "
-            "directory holding " + SCHEMA_FILE_NAME
-        ) from exc
+        fix = (
+            "CMSYNC_SCHEMA_DIR must name the directory holding " + SCHEMA_FILE_NAME
+            if os.environ.get("CMSYNC_SCHEMA_DIR")
+            else "the installed package is incomplete: reinstall cmsync"
+        )
+        raise RuntimeError(f"cannot read the event schema {path} ({exc.strerror}); {fix}") from exc
     # Formats are annotations in draft 2020-12; the schema's patterns carry the rules. Saying so
     # explicitly keeps a library default change from silently changing what we accept.
     validators = jsonschema_rs.validator_map_for(schema, validate_formats=False)
@@ -186,8 +192,8 @@ class _CloudEvent(msgspec.Struct):
 
 
 # RFC 3339 with an upper-case T, each field in its range; the days of the month are left to
-# `datetime.fromisoformat`, which refuses 30 February. Anything else (lower-case t or z, year
-# 0000) takes the strict path.
+# `_epoch_ms`, which refuses 30 February. Anything else (lower-case t or z) takes the strict
+# path.
 _FAST_TIME: Final = re.compile(
     r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
     r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
@@ -219,9 +225,8 @@ def _decode_fast(value: bytes) -> EventFields | None:
     profile_id = profile.get("id")
     if profile_id.__class__ is not str or not profile_id or _FAST_TIME(timestamp) is None:
         return None
-    try:
-        occurred_at_ms = (_fromisoformat(timestamp) - _EPOCH) // _MILLISECOND
-    except ValueError:  # a day the month does not have, year 0
+    occurred_at_ms = _epoch_ms(timestamp)
+    if occurred_at_ms is None:  # a day the month does not have
         return None
     return event_id, segment_id, change == "entered", occurred_at_ms, profile
 
@@ -254,15 +259,10 @@ def _decode_strict(value: bytes) -> EventFields | Invalid:
             body = event
             event_id = event["event_id"]
             timestamp = event["occurred_at"]
-        # `_epoch_ms`, inlined: this is the hot path.
-        occurred_at_ms: int | None
-        try:
-            occurred_at_ms = (_fromisoformat(timestamp) - _EPOCH) // _MILLISECOND
-        except (ValueError, TypeError):  # TypeError: no offset (naive minus aware)
-            occurred_at_ms = _epoch_ms_rfc3339(timestamp)
-            if occurred_at_ms is None:
-                field = "time" if body is not event else "occurred_at"
-                return Invalid("schema", f"{field} is not a valid date-time")
+        occurred_at_ms = _epoch_ms(timestamp)
+        if occurred_at_ms is None:
+            field = "time" if body is not event else "occurred_at"
+            return Invalid("schema", f"{field} is not a valid date-time")
         return (
             event_id,
             body["segment_id"],
@@ -291,7 +291,8 @@ def _epoch_ms(text: str) -> int | None:
     Fast path: ``datetime.fromisoformat`` (C) reads every RFC 3339 form with an upper-case
     ``T`` and a year from 0001, any number of fraction digits (beyond microseconds truncated),
     and rejects impossible dates. It also reads ISO 8601 forms that are not RFC 3339; the schema
-    keeps those out, so this relies on being called after validation. Everything it refuses goes
+    (or, on the fast path, ``_FAST_TIME``) keeps those out, so this relies on being called after
+    validation. Both paths of `decode_fields` call it. Everything it refuses goes
     through the strict RFC 3339 parser. Fractions below a millisecond are truncated: the result
     is the floor of the instant.
     """

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from typing import Final
 
 __all__ = ["OffsetTracker"]
 
 #: Durable offsets kept at the front before the arrays are compacted (and at least half).
-_COMPACT_AFTER = 4096
+_COMPACT_AFTER: Final = 4096
 
 
 class _Partition:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -20,15 +20,14 @@ from aiokafka.errors import KafkaError
 
 from consumer import observability as obs
 from consumer.settings import KafkaSettings
+from consumer.tuning import (
+    FETCH_TIMEOUT_MS,
+    LOW_WATER,
+    MAX_RECORDS_PER_FETCH,
+    REBALANCE_TIMEOUT_MS,
+)
 
 log = structlog.get_logger("cmsync.source")
-
-#: Largest number of records handed to the pipeline per fetch.
-MAX_RECORDS_PER_FETCH: Final = 5000
-#: How long one fetch waits for data; bounds how quickly the loop notices a stop request.
-FETCH_TIMEOUT_MS: Final = 200
-#: Resume fetching once pending changes fall to this fraction of CMSYNC_MAX_PENDING.
-LOW_WATER: Final = 0.5
 
 
 class RecordHandler(Protocol):
@@ -66,7 +65,7 @@ class Source:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=MAX_RECORDS_PER_FETCH,
-            rebalance_timeout_ms=60_000,
+            rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
             **settings.client_kwargs(),
         )
 

@@ -37,7 +37,9 @@ class Feed:
     def __init__(self) -> None:
         self.seq = itertools.count()
 
-    def __call__(self, key: str, entered: bool, at: int, *, event_id: str | None = None) -> Change:
+    def __call__(
+        self, key: str, entered: bool, at: int, *, event_id: str | int | None = None
+    ) -> Change:
         seq = next(self.seq)
         return Change(
             key=key,
@@ -304,7 +306,9 @@ def test_nothing_due_before_the_interval(feed: Feed) -> None:
 def test_full_import_goes_early_but_partial_import_does_not(feed: Feed) -> None:
     buf = make(max_adds=3)
     for i in range(4):
+        assert buf.full_import_ready() == (i == 3)
         buf.offer(feed(f"k{i}", True, 1), float(i) * 0.1)
+    assert buf.full_import_ready()
     assert buf.due(1.0)
     assert buf.next_due(1.0) == 0.0
     batch = buf.take(1.0)
@@ -550,11 +554,30 @@ def test_memory_long_run_keeps_the_index_clean() -> None:
     assert clock_state(memory) == model.state()
 
 
+@given(
+    applied_at=st.integers(-2, 2),
+    applied_entered=st.booleans(),
+    at=st.integers(-2, 2),
+    entered=st.booleans(),
+)
+def test_memory_is_late_exactly_when_the_applied_change_is_newer_or_a_repeat(
+    applied_at: int, applied_entered: bool, at: int, entered: bool
+) -> None:
+    memory = AppliedMemory(4)
+    assert not memory.is_late("d", "a", at, entered)  # nothing applied yet
+    memory.remember("d", "a", applied_at, applied_entered)
+    expected = at < applied_at or (at == applied_at and entered == applied_entered)
+    assert memory.is_late("d", "a", at, entered) is expected
+    assert not memory.is_late("other", "a", at, entered)  # per destination
+    assert not memory.is_late("d", "b", at, entered)  # per key
+
+
 def test_disabled_memory_remembers_nothing(feed: Feed) -> None:
     memory = AppliedMemory(0)
     memory.remember("d", "a", 1, True)
     assert len(memory) == 0
     assert memory.get("d", "a") is None
+    assert not memory.is_late("d", "a", 0, True)
     buf = DestinationBuffer("d", memory, flush_interval_s=0)
     buf.offer(feed("a", True, 5), 0.0)
     batch = buf.take(0.0)
@@ -683,6 +706,7 @@ class BufferMachine(RuleBasedStateMachine):
         ready = self._ready()
         adds = sum(1 for e in ready if e.change.entered)
         assert self.buf.ready_counts() == (adds, len(ready) - adds)
+        assert self.buf.full_import_ready() == (adds >= MAX_ADDS)
         assert self.buf.due(self.now) == self._brute_due()
         expected: float | None
         if not ready:

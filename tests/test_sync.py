@@ -266,7 +266,7 @@ async def test_bad_api_key_stalls_one_destination_and_holds_its_offsets(
             assert h.active("good") == {"a1@example.com", "a2@example.com"}
             await asyncio.sleep(1.5)  # several commit ticks
             assert service.source.committed(0) == 1  # not past the stalled change
-            ready, reason = service._readiness()
+            ready, reason = service.readiness()
             assert not ready
             assert "bad" in reason
         assert (await h.committed())[0] == 1
