@@ -9,10 +9,10 @@ shares are solved so that exits are 20 % of the events. The stream spans two hou
 time and is produced as fast as the broker takes it, right after the service joined (the
 join is outside the timing): a backlog, as after a segment recomputation.
 
-Floor and expected lists come from `consumer.synthetic` (`fewest_requests`, `expected_state`)
-computed from the generated records alone; the lists are read back from the simulator and
-compared with the demo's comparison (`consumer.demo.compare`). Time runs from the broker's
-first acknowledgement to the last list change applied.
+Floor and expected lists come from `consumer.devtools.synthetic` (`fewest_requests`,
+`expected_state`) computed from the generated records alone; the lists are read back from the
+simulator and compared as the demo compares them (`consumer.devtools.rig.compare`). Time runs
+from the broker's first acknowledgement to the last list change applied.
 """
 
 from __future__ import annotations
@@ -21,33 +21,29 @@ import argparse
 import contextlib
 import random
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from bench.common import (
     Figure,
+    Option,
     Result,
-    ServiceProcess,
     at_most,
-    committed_offsets,
-    destinations_toml,
+    bench_env,
     endpoints,
-    env_float,
-    env_int,
     event_id,
+    main_of,
+    options,
     produce,
     profile_of,
     quiet_collector,
-    script,
-    service_env,
     simulator,
-    wait_for,
+    start_service,
+    wait_committed,
 )
-from consumer.demo import compare
-from consumer.embedded_broker import create_topics, running_broker
+from consumer.devtools.embedded_broker import running_broker
+from consumer.devtools.rig import compare
+from consumer.devtools.synthetic import Produced, event_bytes, expected_state, fewest_requests
 from consumer.events import parse_email
-from consumer.synthetic import Produced, event_bytes, expected_state, fewest_requests
 
 START_MS = 1_764_417_600_000  # 2025-11-29T12:00:00Z
 SPAN_MS = 2 * 3600 * 1000
@@ -137,43 +133,27 @@ async def run(
         broker = await stack.enter_async_context(running_broker())
         sim, base_url, list_ids = await stack.enter_async_context(simulator(rate, lists))
         topic = "bench-churn"
-        await create_topics(broker.bootstrap, {topic: PARTITIONS, f"{topic}.dlq": 1})
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cmsync-bench-")))
-        dest_file = workdir / "destinations.toml"
-        dest_file.write_text(
-            destinations_toml(
+        env = await bench_env(
+            stack,
+            topic,
+            PARTITIONS,
+            bootstrap=broker.bootstrap,
+            base_url=base_url,
+            destinations=(
                 (f"list-{s}", seg, lid)
                 for s, (seg, lid) in enumerate(zip(segments, list_ids, strict=True))
-            )
-        )
-        env = service_env(
-            bootstrap=broker.bootstrap,
-            topic=topic,
-            group="bench-churn",
-            base_url=base_url,
-            destinations_file=dest_file,
+            ),
             rate_limit_rps=rate,
         )
-        service = ServiceProcess(env, "churn")
+        service = start_service(env, "churn")
         try:
-            await service.start()
             await service.wait_joined()
             produced = await produce(
                 broker.bootstrap, topic, PARTITIONS, ((r.key, r.value) for r in records)
             )
             t0 = produced.first_ack
 
-            async def all_committed() -> bool:
-                done = committed_offsets(await service.metrics(), topic)
-                return all(done.get(p, 0) >= end for p, end in produced.ends.items())
-
-            await wait_for(
-                all_committed,
-                timeout_s=floor_time_s * 4 + 120,
-                every_s=0.25,
-                what="all offsets committed",
-                alive=[service],
-            )
+            await wait_committed([service], topic, produced.ends, within_s=floor_time_s * 4 + 120)
             t_committed = time.monotonic()
             t_applied = sim.last_write() or t_committed
         finally:
@@ -181,7 +161,7 @@ async def run(
         problems: list[str] = []
         for seg, list_id in zip(segments, list_ids, strict=True):
             expected = expected_state(records, seg)
-            for problem in compare(expected, sim.list_state(list_id)):
+            for problem in compare(expected, sim.members(list_id)):
                 problems.append(f"{seg}: {problem}")
     requests = sim.requests()
     elapsed = t_applied - t0
@@ -236,44 +216,27 @@ async def run(
     return result.finish(started)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--events",
-        type=int,
-        default=env_int("CMSYNC_BENCH_CHURN_EVENTS", 1_000_000),
-        help="approximate events (env CMSYNC_BENCH_CHURN_EVENTS; default 1000000)",
-    )
-    p.add_argument(
-        "--profiles",
-        type=int,
-        default=env_int("CMSYNC_BENCH_CHURN_PROFILES", 100_000),
-        help="profiles (default 100000)",
-    )
-    p.add_argument("--lists", type=int, default=10, help="lists, one segment each (default 10)")
-    p.add_argument(
-        "--floor-time",
-        type=float,
-        default=env_float("CMSYNC_BENCH_CHURN_FLOOR_S", 90.0),
-        help="seconds the fewest requests take at the chosen rate (default 90)",
-    )
-    p.add_argument(
-        "--exit-share", type=float, default=0.2, help="exits among the events (default 0.2)"
-    )
+add_arguments = options(
+    Option("--events", 1_000_000, "approximate events", env="CMSYNC_BENCH_CHURN_EVENTS"),
+    Option("--profiles", 100_000, "profiles", env="CMSYNC_BENCH_CHURN_PROFILES"),
+    Option("--lists", 10, "lists, one segment each"),
+    Option(
+        "--floor-time", 90.0, "seconds the fewest requests take", env="CMSYNC_BENCH_CHURN_FLOOR_S"
+    ),
+    Option("--exit-share", 0.2, "exits among the events"),
+)
 
 
 async def scenario(args: argparse.Namespace) -> list[Result]:
     return [await run(args.events, args.profiles, args.lists, args.floor_time, args.exit_share)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script(
-        "python -m bench.churn",
-        "Scenario 3: churn against the fewest requests.",
-        add_arguments,
-        scenario,
-        argv,
-    )
-
+main = main_of(
+    "python -m bench.churn",
+    "Scenario 3: churn against the fewest requests.",
+    add_arguments,
+    scenario,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

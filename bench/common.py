@@ -1,5 +1,6 @@
 """What the scenarios share: figures and their table/JSON, machine facts, fast producing, the
-service as a subprocess (with memory sampling), and the simulator with apply-time recording.
+service as a subprocess (the rig's `ServiceProcess`, with memory sampling), and the simulator
+with a `Recorder` of the writes it applied (its public observer).
 
 Clocks: every time a scenario reports is taken in the bench process with `time.monotonic()`
 (the producer's acknowledgements and the simulator's handlers both run here), so start and end
@@ -17,27 +18,26 @@ import json
 import math
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import aiohttp
-import orjson
 import psutil
 from aiokafka import AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.campaign_monitor.simulator import Simulator, SimulatorConfig, serve
-from consumer.demo import destination_toml
-from consumer.synthetic import CITIES, INTERESTS, TIERS, event_bytes
+from consumer.devtools import rig
+from consumer.devtools.embedded_broker import create_topics
+from consumer.devtools.rig import DEMO_FIELDS, Dest, Metrics, ServiceProcess, wait_until
+from consumer.devtools.simulator import Served, Simulator, SimulatorConfig, serve
+from consumer.devtools.synthetic import CITIES, INTERESTS, TIERS, event_bytes
+
+__all__ = ["Metrics", "ServiceProcess", "wait_until"]  # re-exported for the scenarios
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -211,6 +211,24 @@ def script(
     return 0
 
 
+class ScriptMain(Protocol):
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
+def main_of(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    scenario: Scenario,
+) -> ScriptMain:
+    """A scenario script's ``main(argv=None)`` (see `script`)."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return script(prog, description, add_arguments, scenario, argv)
+
+    return main
+
+
 def endpoints(counts: dict[str, int]) -> str:
     """Requests per endpoint, for a figure's note."""
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
@@ -231,6 +249,34 @@ def env_float(name: str, default: float) -> float:
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a scenario: its default is read from the variable `env` when that is set
+    (sizes for `make bench` come from the environment); the help ends with both."""
+
+    flag: str
+    default: int | float
+    help: str
+    env: str | None = None
+
+
+def options(*declared: Option) -> Callable[[argparse.ArgumentParser], None]:
+    """A scenario's `add_arguments`: each option typed as its default is."""
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        for o in declared:
+            value = o.default if isinstance(o.default, int) else f"{o.default:g}"
+            shown = f"(env {o.env}; default {value})" if o.env else f"(default {value})"
+            if isinstance(o.default, int):
+                default: float = env_int(o.env, o.default) if o.env else o.default
+                p.add_argument(o.flag, type=int, default=default, help=f"{o.help} {shown}")
+            else:
+                default = env_float(o.env, o.default) if o.env else o.default
+                p.add_argument(o.flag, type=float, default=default, help=f"{o.help} {shown}")
+
+    return add_arguments
 
 
 # --------------------------------------------------------------------------- events
@@ -402,173 +448,60 @@ async def produce_paced(
 # --------------------------------------------------------------------------- the service
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def destinations_toml(destinations: Iterable[tuple[str, str, str]]) -> str:
     """(name, segment_id, list_id) → a destinations file with the demo's field mapping."""
-    return "\n".join(destination_toml(*destination) for destination in destinations)
+    dests = [
+        (Dest(name, segment, custom_fields=DEMO_FIELDS, consent_to_track="Unchanged"), list_id)
+        for name, segment, list_id in destinations
+    ]
+    return "\n".join(dest.toml(list_id) for dest, list_id in dests)
 
 
-def service_env(
+async def bench_env(
+    stack: contextlib.AsyncExitStack,
+    topic: str,
+    partitions: int,
     *,
     bootstrap: str,
-    topic: str,
-    group: str,
     base_url: str,
-    destinations_file: Path,
+    destinations: Iterable[tuple[str, str, str]],
     rate_limit_rps: float,
     **extra: str,
 ) -> dict[str, str]:
-    """The environment of one `cmsync run` (defaults for everything not named)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CMSYNC_")}
-    env.update(
-        {
-            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "CMSYNC_KAFKA_TOPIC": topic,
-            "CMSYNC_DLQ_TOPIC": f"{topic}.dlq",
-            "CMSYNC_KAFKA_GROUP_ID": group,
-            "CMSYNC_CM_BASE_URL": base_url,
-            "CMSYNC_CM_API_KEY": API_KEY,
-            "CMSYNC_DESTINATIONS_FILE": str(destinations_file),
-            "CMSYNC_RATE_LIMIT_RPS": f"{rate_limit_rps:g}",
-            "CMSYNC_LOG_LEVEL": "info",
-            **extra,
-        }
-    )
-    return env
-
-
-Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-class ServiceProcess:
-    """`python -m consumer run` as a child process: readiness, /metrics, memory, SIGTERM.
-
-    Resident memory is sampled with psutil every `sample_s` (100 ms) from start to exit.
-    """
-
-    def __init__(self, env: dict[str, str], log_name: str, *, sample_s: float = 0.1) -> None:
-        self.port = free_port()
-        self.env = {**env, "CMSYNC_HTTP_PORT": str(self.port)}
-        LOGS_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS_DIR / f"{log_name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.sample_s = sample_s
-        self.rss: list[tuple[float, int]] = []  # (monotonic, bytes)
-        self._sampler: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(  # noqa: ASYNC220 - only forks; waits go to a thread
-            [sys.executable, "-m", "consumer", "run"],
-            env=self.env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        self._sampler = asyncio.create_task(self._sample())
-
-    async def _sample(self) -> None:
-        assert self.process is not None
-        proc = psutil.Process(self.process.pid)
-        with contextlib.suppress(psutil.Error):
-            while self.process.poll() is None:
-                self.rss.append((time.monotonic(), proc.memory_info().rss))
-                await asyncio.sleep(self.sample_s)
-
-    def peak_rss(self, since: float = 0.0) -> int | None:
-        values = [rss for t, rss in self.rss if t >= since]
-        return max(values) if values else None
-
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(
-                f"the service exited with code {self.process.returncode}; log tail:\n{tail}"
-            )
-
-    async def ready(self) -> str | None:
-        """The /readyz reason when ready, else None."""
-        assert self._session is not None
-        try:
-            async with self._session.get(f"{self.url}/readyz") as response:
-                body = await response.json()
-                return str(body.get("reason")) if response.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-
-    async def wait_joined(self, timeout_s: float = 90.0) -> float:
-        """Until /readyz says "joined" (the group join is done); returns that moment."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if await self.ready() == "joined":
-                return time.monotonic()
-            await asyncio.sleep(0.02)
-        raise TimeoutError(f"the service did not join within {timeout_s} s ({self.log_path})")
-
-    async def metrics(self) -> Samples:
-        """/metrics as {sample name: [(labels, value)]}."""
-        assert self._session is not None
-        async with self._session.get(f"{self.url}/metrics") as response:
-            text = await response.text()
-        out: Samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                out.setdefault(sample.name, []).append((sample.labels, sample.value))
-        return out
-
-    async def stop(self, timeout_s: float = 40.0) -> int | None:
-        """SIGTERM (graceful drain), then wait; SIGKILL if it overstays."""
-        code: int | None = None
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                code = await asyncio.to_thread(self.process.wait, timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                code = await asyncio.to_thread(self.process.wait, 5)
-        if self._sampler is not None:
-            await self._sampler
-        if self._session is not None:
-            await self._session.close()
-        return code
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include `labels`."""
-    return sum(
-        value
-        for sample_labels, value in samples.get(name, [])
-        if all(sample_labels.get(k) == v for k, v in labels.items())
+    """Create `topic` (and its dead-letter topic) and return the CMSYNC_* environment of a
+    `cmsync run` of it, in consumer group `topic` (`rig.service_env` with the bench's API key,
+    `rate_limit_rps` and info logs; `extra` wins). The destinations file (see
+    `destinations_toml`) goes to a directory removed when `stack` closes."""
+    await create_topics(bootstrap, {topic: partitions, f"{topic}.dlq": 1})
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cmsync-bench-")))
+    destinations_file = workdir / "destinations.toml"
+    destinations_file.write_text(destinations_toml(destinations))
+    return rig.service_env(
+        bootstrap=bootstrap,
+        topic=topic,
+        group=topic,
+        base_url=base_url,
+        api_key=API_KEY,
+        destinations_file=destinations_file,
+        CMSYNC_RATE_LIMIT_RPS=f"{rate_limit_rps:g}",
+        CMSYNC_LOG_LEVEL="info",
+        **extra,
     )
 
 
-def committed_offsets(samples: Samples, topic: str) -> dict[int, int]:
-    return {
-        int(labels["partition"]): int(value)
-        for labels, value in samples.get("cmsync_committed_offset", [])
-        if labels.get("topic") == topic
-    }
+def start_service(env: dict[str, str], log_name: str, *, sample_s: float = 0.1) -> ServiceProcess:
+    """`cmsync run` as a child process, its log in bench/results/logs/, its resident memory
+    sampled every `sample_s` from start to exit."""
+    LOGS_DIR.mkdir(parents=True, exist_ok=True)
+    service = ServiceProcess(env, LOGS_DIR / f"{log_name}.log", name=log_name, cwd=REPO)
+    service.sample_rss(sample_s)
+    return service
 
 
-def histogram_quantile(samples: Samples, name: str, q: float) -> float | None:
+def histogram_quantile(metrics: Metrics, name: str, q: float) -> float | None:
     """Prometheus-style quantile (linear within a bucket) of a histogram summed over labels."""
     buckets: dict[float, float] = {}
-    for labels, value in samples.get(f"{name}_bucket", []):
+    for labels, value in metrics.samples.get(f"{name}_bucket", []):
         le = float(labels["le"])
         buckets[le] = buckets.get(le, 0.0) + value
     if not buckets:
@@ -588,29 +521,6 @@ def histogram_quantile(samples: Samples, name: str, q: float) -> float | None:
             return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
         lower, below = bound, cumulative
     return lower
-
-
-async def wait_for(
-    condition: Callable[[], Any],
-    *,
-    timeout_s: float,
-    every_s: float = 0.5,
-    what: str = "condition",
-    alive: Sequence[ServiceProcess] = (),
-) -> None:
-    """Poll an (async or sync) condition until true; fail if a service died or time ran out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for service in alive:
-            service.check_alive()
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(every_s)
 
 
 # --------------------------------------------------------------------------- this process
@@ -651,80 +561,99 @@ async def quiet_collector(every_s: float = 1.0) -> AsyncIterator[None]:
 WRITE_ENDPOINTS = frozenset({"import", "add", "delete", "unsubscribe"})
 
 
-class RecordingSimulator(Simulator):
-    """The simulator, noting when each write request was handled (monotonic, in this process)
-    and, when asked, the wall time at which each address was written."""
+class Recorder:
+    """Watches a simulator (its public observer): when each write request was handled
+    (monotonic, in this process) and, when asked, the wall time at which each address was
+    written. A write answered with an error (e.g. Code 203, not in list) is done too; one
+    refused before it reached the list (rate limit, fault) is not."""
 
-    def __init__(self, config: SimulatorConfig, *, per_address: bool = False) -> None:
-        super().__init__(config)
+    def __init__(self, sim: Simulator, *, per_address: bool = False) -> None:
+        self.sim = sim
         self.writes: list[tuple[float, str]] = []  # (monotonic after applying, endpoint)
         self.per_address = per_address
         self.address_writes: list[tuple[float, str, str]] = []  # (wall, endpoint, address)
+        sim.observe(self._served)
 
-    async def _handle(
-        self, endpoint: str, request: Any, lst: Any, state: int, now: float
-    ) -> tuple[int, bytes | None]:
-        try:
-            return await super()._handle(endpoint, request, lst, state, now)
-        finally:  # a write answered with an error (e.g. Code 203, not in list) is done too
-            if endpoint in WRITE_ENDPOINTS:
-                self.writes.append((time.monotonic(), endpoint))
-                if self.per_address:
-                    wall = time.time()
-                    for address in await _addresses(endpoint, request):
-                        self.address_writes.append((wall, endpoint, address))
+    def _served(self, served: Served) -> None:
+        if not served.handled or served.endpoint not in WRITE_ENDPOINTS:
+            return
+        self.writes.append((served.at, served.endpoint))
+        if self.per_address:
+            for address in served.addresses:
+                self.address_writes.append((served.wall, served.endpoint, address))
 
     def requests(self) -> int:
-        return sum(sum(by_status.values()) for by_status in self.request_counts().values())
+        return sum(sum(by_status.values()) for by_status in self.sim.request_counts().values())
 
     def throttled(self) -> int:
-        return sum(by_status.get("429", 0) for by_status in self.request_counts().values())
+        return sum(by_status.get("429", 0) for by_status in self.sim.request_counts().values())
 
     def by_endpoint(self) -> dict[str, int]:
-        return {e: sum(by_status.values()) for e, by_status in self.request_counts().items()}
+        return {e: sum(by_status.values()) for e, by_status in self.sim.request_counts().items()}
 
     def active(self, list_id: str) -> int:
-        return int(self.state.lists[list_id].stats()["TotalActiveSubscribers"])
+        return int(self.sim.state.lists[list_id].stats()["TotalActiveSubscribers"])
+
+    def members(self, list_id: str) -> dict[str, dict[str, Any]]:
+        return self.sim.list_state(list_id)
 
     def last_write(self) -> float | None:
         return self.writes[-1][0] if self.writes else None
 
 
-async def _addresses(endpoint: str, request: Any) -> list[str]:
-    if endpoint == "delete":
-        return [str(request.query.get("email", "")).strip().lower()]
-    body = orjson.loads(await request.read())
-    if endpoint == "import":
-        return [str(row.get("EmailAddress", "")).strip().lower() for row in body["Subscribers"]]
-    return [str(body.get("EmailAddress", "")).strip().lower()]
-
-
 @contextlib.asynccontextmanager
 async def simulator(
     rate_limit_rps: float | None, lists: int, *, per_address: bool = False
-) -> AsyncIterator[tuple[RecordingSimulator, str, list[str]]]:
-    """A recording simulator over HTTP with `lists` OnlyThisList lists of our API key.
+) -> AsyncIterator[tuple[Recorder, str, list[str]]]:
+    """A simulator over HTTP, recorded, with `lists` OnlyThisList lists of our API key.
 
     ``CMSYNC_BENCH_RATE_HEADERS=0`` turns its X-RateLimit-* headers off (a diagnostic: how much
     of a delivery scenario's time the service's reading of those headers costs).
     """
-    sim = RecordingSimulator(
+    sim = Simulator(
         SimulatorConfig(
             api_keys=(API_KEY,),
             rate_limit_rps=rate_limit_rps,
             rate_headers=os.environ.get("CMSYNC_BENCH_RATE_HEADERS", "1") != "0",
             seed=1,
-        ),
-        per_address=per_address,
+        )
     )
+    recorder = Recorder(sim, per_address=per_address)
     list_ids = [
         sim.add_list(title=f"bench-{n}", unsubscribe_setting="OnlyThisList", api_key=API_KEY)
         for n in range(lists)
     ]
     async with serve(sim) as base_url:
-        yield sim, base_url, list_ids
+        yield recorder, base_url, list_ids
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+async def wait_committed(
+    services: Sequence[ServiceProcess],
+    topic: str,
+    ends: dict[int, int],
+    *,
+    within_s: float,
+    every_s: float = 0.25,
+) -> None:
+    """Until the services' /metrics show every partition of `topic` committed up to `ends`
+    (per partition, the furthest any of them committed); fails if a service exits."""
+
+    async def all_committed() -> bool:
+        done: dict[int, int] = {}
+        for service in services:
+            for p, offset in (await service.metrics()).committed_offsets(topic).items():
+                done[p] = max(done.get(p, 0), offset)
+        return all(done.get(p, 0) >= end for p, end in ends.items())
+
+    await wait_until(
+        all_committed,
+        within_s=within_s,
+        every_s=every_s,
+        what="all offsets committed",
+        watch=services,
+    )

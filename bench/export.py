@@ -20,32 +20,29 @@ import asyncio
 import contextlib
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from bench.common import (
     MIB,
     Figure,
+    Option,
     Result,
     ServiceProcess,
     at_most,
-    committed_offsets,
-    destinations_toml,
+    bench_env,
     endpoints,
-    env_float,
-    env_int,
+    main_of,
     membership_event,
+    options,
     produce,
     quiet_collector,
-    script,
-    service_env,
     simulator,
-    total,
-    wait_for,
+    start_service,
+    wait_committed,
+    wait_until,
 )
-from consumer.embedded_broker import create_topics, running_broker
+from consumer.devtools.embedded_broker import running_broker
 
 SEGMENT = "all-customers"
 START_MS = 1_764_417_600_000  # 2025-11-29T12:00:00Z
@@ -95,23 +92,18 @@ async def delivery_run(
         broker = await stack.enter_async_context(running_broker())
         sim, base_url, (list_id,) = await stack.enter_async_context(simulator(rate_rps, 1))
         topic = f"bench-{label}"
-        await create_topics(broker.bootstrap, {topic: partitions, f"{topic}.dlq": 1})
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cmsync-bench-")))
-        dest_file = workdir / "destinations.toml"
-        dest_file.write_text(destinations_toml([("customers", SEGMENT, list_id)]))
-        env = service_env(
+        env = await bench_env(
+            stack,
+            topic,
+            partitions,
             bootstrap=broker.bootstrap,
-            topic=topic,
-            group=f"bench-{label}",
             base_url=base_url,
-            destinations_file=dest_file,
+            destinations=[("customers", SEGMENT, list_id)],
             rate_limit_rps=rate_rps,
             **extra,
         )
-        services = [ServiceProcess(env, f"{label}-{n}") for n in range(instances)]
+        services = [start_service(env, f"{label}-{n}") for n in range(instances)]
         try:
-            for service in services:
-                await service.start()
             # Every instance has joined (and, with several, the group has settled: the last
             # one to join was assigned its partitions in the rebalance that included it).
             for service in services:
@@ -138,36 +130,22 @@ async def delivery_run(
             async def applied() -> bool:
                 return sim.active(list_id) >= profiles
 
-            await wait_for(
-                applied, timeout_s=timeout, every_s=0.1, what="all profiles active", alive=services
+            await wait_until(
+                applied, within_s=timeout, every_s=0.1, what="all profiles active", watch=services
             )
             t_applied = sim.last_write() or time.monotonic()
 
-            async def all_committed() -> bool:
-                done: dict[int, int] = {}
-                for service in services:
-                    samples = await service.metrics()
-                    for p, offset in committed_offsets(samples, topic).items():
-                        done[p] = max(done.get(p, 0), offset)
-                return all(done.get(p, 0) >= end for p, end in produced.ends.items())
-
-            await wait_for(
-                all_committed,
-                timeout_s=60,
-                every_s=0.1,
-                what="all offsets committed",
-                alive=services,
-            )
+            await wait_committed(services, topic, produced.ends, within_s=60, every_s=0.1)
             t_committed = time.monotonic()
             monitor.cancel()
             per_instance = []
             for service in services:
-                samples = await service.metrics()
+                metrics = await service.metrics()
                 per_instance.append(
                     {
-                        "requests": int(total(samples, "cmsync_api_requests_total")),
-                        "throttled": int(total(samples, "cmsync_api_throttled_total")),
-                        "applied": int(total(samples, "cmsync_changes_applied_total")),
+                        "requests": int(metrics.value("cmsync_api_requests_total")),
+                        "throttled": int(metrics.value("cmsync_api_throttled_total")),
+                        "applied": int(metrics.value("cmsync_changes_applied_total")),
                     }
                 )
             rss_series = [_rss_series(s, t0) for s in services]
@@ -201,14 +179,14 @@ async def _watch_pending(services: list[ServiceProcess], peaks: list[float]) -> 
     while True:
         for n, service in enumerate(services):
             with contextlib.suppress(Exception):
-                samples = await service.metrics()
-                peaks[n] = max(peaks[n], total(samples, "cmsync_pending_changes"))
+                metrics = await service.metrics()
+                peaks[n] = max(peaks[n], metrics.value("cmsync_pending_changes"))
         await asyncio.sleep(0.5)
 
 
 def _rss_series(service: ServiceProcess, t0: float) -> list[tuple[float, float]]:
     out: list[tuple[float, float]] = []
-    for t, rss in service.rss:
+    for t, rss in service.rss_samples:
         if not out or t - t0 >= out[-1][0] + 5:
             out.append((round(t - t0, 1), round(rss / MIB, 1)))
     return out
@@ -267,19 +245,17 @@ def export_results(
     return export, memory
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--profiles",
-        type=int,
-        default=env_int("CMSYNC_BENCH_EXPORT_PROFILES", 1_000_000),
-        help="profiles entering the segment (env CMSYNC_BENCH_EXPORT_PROFILES; default 1000000)",
-    )
-    p.add_argument(
+add_arguments = options(
+    Option(
+        "--profiles", 1_000_000, "profiles entering the segment", env="CMSYNC_BENCH_EXPORT_PROFILES"
+    ),
+    Option(
         "--rate",
-        type=float,
-        default=env_float("CMSYNC_BENCH_EXPORT_RPS", 10.0),
-        help="requests/s the simulator permits and the service's ceiling (default 10)",
-    )
+        10.0,
+        "requests/s the simulator permits and the service's ceiling",
+        env="CMSYNC_BENCH_EXPORT_RPS",
+    ),
+)
 
 
 def new_results(profiles: int, rate: float) -> tuple[Result, Result]:
@@ -302,14 +278,9 @@ async def scenario(args: argparse.Namespace) -> list[Result]:
     return await run(args.profiles, args.rate)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script(
-        "python -m bench.export",
-        __doc__.splitlines()[0] if __doc__ else "",
-        add_arguments,
-        scenario,
-        argv,
-    )
+main = main_of(
+    "python -m bench.export", __doc__.splitlines()[0] if __doc__ else "", add_arguments, scenario
+)
 
 
 if __name__ == "__main__":

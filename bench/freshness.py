@@ -18,30 +18,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import tempfile
 import time
 from collections import deque
-from pathlib import Path
 
 from bench.common import (
     Figure,
+    Option,
     Result,
-    ServiceProcess,
     at_most,
-    committed_offsets,
-    destinations_toml,
-    env_float,
-    env_int,
+    bench_env,
     histogram_quantile,
+    main_of,
     membership_event,
+    options,
     produce_paced,
     quiet_collector,
-    script,
-    service_env,
     simulator,
-    wait_for,
+    start_service,
+    wait_committed,
 )
-from consumer.embedded_broker import create_topics, running_broker
+from consumer.devtools.embedded_broker import running_broker
 
 SEGMENT = "newsletter"
 PARTITIONS = 2
@@ -91,39 +87,25 @@ async def run(per_second: int, duration_s: float, rate: float, flush_interval_s:
             simulator(rate, 1, per_address=True)
         )
         topic = "bench-freshness"
-        await create_topics(broker.bootstrap, {topic: PARTITIONS, f"{topic}.dlq": 1})
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cmsync-bench-")))
-        dest_file = workdir / "destinations.toml"
-        dest_file.write_text(destinations_toml([("newsletter", SEGMENT, list_id)]))
-        env = service_env(
+        env = await bench_env(
+            stack,
+            topic,
+            PARTITIONS,
             bootstrap=broker.bootstrap,
-            topic=topic,
-            group="bench-freshness",
             base_url=base_url,
-            destinations_file=dest_file,
+            destinations=[("newsletter", SEGMENT, list_id)],
             rate_limit_rps=rate,
             CMSYNC_FLUSH_INTERVAL_S=f"{flush_interval_s:g}",
         )
-        service = ServiceProcess(env, "freshness")
+        service = start_service(env, "freshness")
         try:
-            await service.start()
             await service.wait_joined()
             produced = await produce_paced(
                 broker.bootstrap, topic, PARTITIONS, per_second, duration_s, make
             )
 
-            async def all_committed() -> bool:
-                done = committed_offsets(await service.metrics(), topic)
-                return all(done.get(p, 0) >= end for p, end in produced.ends.items())
-
-            await wait_for(
-                all_committed,
-                timeout_s=120,
-                every_s=0.25,
-                what="all offsets committed",
-                alive=[service],
-            )
-            samples = await service.metrics()
+            await wait_committed([service], topic, produced.ends, within_s=120)
+            metrics = await service.metrics()
         finally:
             await service.stop()
     imported: dict[str, float] = {}
@@ -145,8 +127,8 @@ async def run(per_second: int, duration_s: float, rate: float, flush_interval_s:
     objective = flush_interval_s + 2
     p50 = quantile(ages, 0.5) if ages else None
     p99 = quantile(ages, 0.99) if ages else None
-    h50 = histogram_quantile(samples, "cmsync_freshness_seconds", 0.5)
-    h99 = histogram_quantile(samples, "cmsync_freshness_seconds", 0.99)
+    h50 = histogram_quantile(metrics, "cmsync_freshness_seconds", 0.5)
+    h99 = histogram_quantile(metrics, "cmsync_freshness_seconds", 0.99)
     achieved = produced.records / (produced.last_ack - produced.started)
     result.add(
         Figure("events produced", produced.records, note=f"{achieved:,.0f}/s achieved"),
@@ -186,41 +168,25 @@ def _pair(values: list[float]) -> str | None:
     return f"{quantile(values, 0.5):.2f} / {quantile(values, 0.99):.2f} s"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--per-second",
-        type=int,
-        default=env_int("CMSYNC_BENCH_FRESHNESS_EPS", 2000),
-        help="events per second (env CMSYNC_BENCH_FRESHNESS_EPS; default 2000)",
-    )
-    p.add_argument(
-        "--duration",
-        type=float,
-        default=env_float("CMSYNC_BENCH_FRESHNESS_S", 60.0),
-        help="seconds of steady stream (env CMSYNC_BENCH_FRESHNESS_S; default 60)",
-    )
-    p.add_argument("--rate", type=float, default=1000.0, help="requests/s permitted (default 1000)")
-    p.add_argument(
+add_arguments = options(
+    Option("--per-second", 2000, "events per second", env="CMSYNC_BENCH_FRESHNESS_EPS"),
+    Option("--duration", 60.0, "seconds of steady stream", env="CMSYNC_BENCH_FRESHNESS_S"),
+    Option("--rate", 1000.0, "requests/s permitted"),
+    Option(
         "--flush-interval",
-        type=float,
-        default=5.0,
-        help="the service's CMSYNC_FLUSH_INTERVAL_S (default 5, the default)",
-    )
+        5.0,
+        "the service's CMSYNC_FLUSH_INTERVAL_S; the default is the service's own",
+    ),
+)
 
 
 async def scenario(args: argparse.Namespace) -> list[Result]:
     return [await run(args.per_second, args.duration, args.rate, args.flush_interval)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script(
-        "python -m bench.freshness",
-        "Scenario 6: freshness at a steady rate.",
-        add_arguments,
-        scenario,
-        argv,
-    )
-
+main = main_of(
+    "python -m bench.freshness", "Scenario 6: freshness at a steady rate.", add_arguments, scenario
+)
 
 if __name__ == "__main__":
     sys.exit(main())

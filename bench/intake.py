@@ -1,12 +1,13 @@
 """Scenario 1, intake: events/s through decode + validate + route + coalesce, against a bare
 aiokafka `getmany` loop that only counts the records, on the same topic in the same run.
 
-The stream is the demo's (`consumer.synthetic.StreamGenerator` with the demo's four segments:
-updates, exits, re-entries, duplicates, late events, CloudEvents, 0.3 % invalid records) scaled
-to ~1,000,000 records in one partition of the bundled broker. The service side is the real
-`Service._handle` (routes and buffers built by the real wiring for the demo's four lists,
-dead letters sent to the broker), called from the same `getmany` loop as the reference, with
-the flushers not running: no HTTP, and the buffers keep everything. Both loops use the
+The stream is the demo's (`consumer.devtools.synthetic.StreamGenerator` with the demo's four
+segments: updates, exits, re-entries, duplicates, late events, CloudEvents, 0.3 % invalid
+records) scaled to ~1,000,000 records in one partition of the bundled broker. The service side
+is the real `Intake.handle`, wired by `Service.pipeline` as `cmsync run` wires it (routes and
+buffers for the demo's four lists, dead letters sent to the broker), called from the same
+`getmany` loop as the reference, with the flushers not running: no HTTP, and the buffers keep
+everything. Both loops use the
 service's fetch settings; each pass reads the whole topic from the start with a fresh
 consumer (and, on the service side, a fresh Service). Passes alternate (reference, service,
 reference, service, …) after one untimed warm-up read, and the best pass of each side counts
@@ -35,30 +36,28 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-import aiohttp
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from bench.common import (
-    Figure,
-    Result,
-    at_least,
-    destinations_toml,
-    env_int,
-    produce,
-    script,
-)
+from bench.common import Figure, Result, at_least, env_int, produce, script
 from consumer import observability as obs
 from consumer.app import Service, tune_garbage_collector
-from consumer.demo import DESTINATIONS, SEGMENTS
-from consumer.embedded_broker import create_topics, running_broker
+from consumer.devtools.embedded_broker import create_topics, running_broker
+from consumer.devtools.rig import (
+    DEMO_DESTINATIONS,
+    DEMO_SEGMENTS,
+    destinations_toml,
+    service_env,
+)
+from consumer.devtools.synthetic import StreamGenerator
 from consumer.events import decode_fields
 from consumer.settings import load_settings
-from consumer.source import FETCH_TIMEOUT_MS, MAX_RECORDS_PER_FETCH
-from consumer.synthetic import StreamGenerator
+from consumer.tuning import FETCH_TIMEOUT_MS, MAX_RECORDS_PER_FETCH
 
 TOPIC = "bench-intake"
+#: Longest wait, after a pass, for its dead letters to be acknowledged (not timed).
+LETTERS_WAIT_S: Final = 10.0
 Handler = Callable[[int, Sequence[ConsumerRecord[Any, Any]]], None]
 
 
@@ -128,7 +127,7 @@ def _decode_only(_partition: int, records: Sequence[ConsumerRecord[Any, Any]]) -
 async def service_pass(
     bootstrap: str, expected: int, env: dict[str, str], profile: bool = False
 ) -> tuple[float, dict[str, Any], str]:
-    """One pass through a fresh Service's `_handle`; (records/s, facts, profile text)."""
+    """One pass through a fresh Service's `Intake.handle`; (records/s, facts, profile text)."""
     settings = load_settings(env)
     service = Service(settings)
     gc_clock = GcClock()
@@ -138,17 +137,16 @@ async def service_pass(
     if tuned:
         gc.set_threshold(*(int(x) for x in tuned.split(",")))
     profile_text = ""
-    async with aiohttp.ClientSession() as session:
-        service._build_routes(session)  # the real routes and buffers; flushers not started
-        await service._dlq.start()
-        try:
+    try:
+        # the real routes and buffers; the flushers are built but not started
+        async with service.pipeline() as intake:
             gc.collect()
             with gc_clock.armed():
                 started = time.perf_counter()
                 if profile:
                     profiler = cProfile.Profile()
                     profiler.enable()
-                rate = await read_all(bootstrap, expected, service._handle)
+                rate = await read_all(bootstrap, expected, intake.handle)
                 if profile:
                     profiler.disable()
                     out = io.StringIO()
@@ -156,23 +154,22 @@ async def service_pass(
                     profile_text = out.getvalue()
                 elapsed = time.perf_counter() - started
             # let the dead letters reach the broker (not timed: they are acknowledged async)
-            for _ in range(200):
-                if not service._background:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            gc.set_threshold(*thresholds)
-            gc.unfreeze()
-            await service._dlq.stop()
-            with contextlib.suppress(Exception):
-                await service.source.stop()
-    buffered = sum(f.buffer.pending() for f in service._flushers)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LETTERS_WAIT_S):
+                    await intake.wait_until(lambda: intake.letters_in_flight() == 0)
+            buffered = sum(route.buffer.pending() for route in intake.routes)
+            holds = intake.tracker.outstanding()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+        with contextlib.suppress(Exception):
+            await service.source.stop()  # never started: this only closes its client
     facts = {
         "gc_seconds": round(sum(gc_clock.seconds), 2),
         "gc_share": round(sum(gc_clock.seconds) / elapsed, 3),
         "gc_full_collections": gc_clock.collections[2],
         "buffered_entries_at_end": buffered,
-        "holds_at_end": service.tracker.outstanding(),
+        "holds_at_end": holds,
     }
     del service
     gc.collect()
@@ -181,18 +178,17 @@ async def service_pass(
 
 def _env(bootstrap: str, workdir: Path) -> dict[str, str]:
     dest_file = workdir / "destinations.toml"
-    dest_file.write_text(
-        destinations_toml((d.name, d.segment_id, f"{n:032x}") for n, d in enumerate(DESTINATIONS))
+    list_ids = {d.name: f"{n:032x}" for n, d in enumerate(DEMO_DESTINATIONS)}
+    dest_file.write_text(destinations_toml(DEMO_DESTINATIONS, list_ids))
+    return service_env(
+        bootstrap=bootstrap,
+        topic=TOPIC,
+        group="bench-intake",  # never joined: the passes read with consumers of their own
+        base_url="http://127.0.0.1:9/api/v3.3",  # never called: no flusher runs
+        api_key="bench-intake",
+        destinations_file=dest_file,
+        CMSYNC_HTTP_PORT="0",
     )
-    return {
-        "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "CMSYNC_KAFKA_TOPIC": TOPIC,
-        "CMSYNC_DLQ_TOPIC": f"{TOPIC}.dlq",
-        "CMSYNC_CM_BASE_URL": "http://127.0.0.1:9/api/v3.3",  # never called: no flushers
-        "CMSYNC_CM_API_KEY": "bench-intake",
-        "CMSYNC_DESTINATIONS_FILE": str(dest_file),
-        "CMSYNC_HTTP_PORT": "0",
-    }
 
 
 async def run(events: int, rounds: int, profile: bool) -> Result:
@@ -207,7 +203,7 @@ async def run(events: int, rounds: int, profile: bool) -> Result:
         t = time.monotonic()
         # The demo's stream, scaled: the demo makes ~3.45 records per profile.
         records = StreamGenerator(
-            seed=11, profiles=max(100, round(events / 3.45)), segments=SEGMENTS
+            seed=11, profiles=max(100, round(events / 3.45)), segments=DEMO_SEGMENTS
         ).generate()
         generated_s = time.monotonic() - t
         invalid = sum(1 for r in records if r.invalid)

@@ -10,18 +10,14 @@ from __future__ import annotations
 import sys
 
 from bench import export
-from bench.common import script
+from bench.common import main_of
 
-
-def main(argv: list[str] | None = None) -> int:
-    return script(
-        "python -m bench.memory",
-        "Scenario 5: peak memory during scenario 2.",
-        export.add_arguments,
-        export.scenario,
-        argv,
-    )
-
+main = main_of(
+    "python -m bench.memory",
+    "Scenario 5: peak memory during scenario 2.",
+    export.add_arguments,
+    export.scenario,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

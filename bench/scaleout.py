@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from bench.common import MIB, Figure, Result, at_most, env_float, env_int, script
+from bench.common import MIB, Figure, Option, Result, at_most, main_of, options
 from bench.export import DeliveryRun, delivery_run
 
 
@@ -72,35 +72,33 @@ async def run(profiles: int, rate: float, instances: int) -> Result:
     return results(delivery, result, started)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+add_arguments = options(
+    Option(
         "--profiles",
-        type=int,
-        default=env_int("CMSYNC_BENCH_SCALEOUT_PROFILES", 1_000_000),
-        help="profiles entering the segment (env CMSYNC_BENCH_SCALEOUT_PROFILES; default 1000000)",
-    )
-    p.add_argument(
+        1_000_000,
+        "profiles entering the segment",
+        env="CMSYNC_BENCH_SCALEOUT_PROFILES",
+    ),
+    Option(
         "--rate",
-        type=float,
-        default=env_float("CMSYNC_BENCH_EXPORT_RPS", 10.0),
-        help="requests/s the simulator permits and each process's ceiling (default 10)",
-    )
-    p.add_argument("--instances", type=int, default=2, help="service processes (default 2)")
+        10.0,
+        "requests/s the simulator permits and each process's ceiling",
+        env="CMSYNC_BENCH_EXPORT_RPS",
+    ),
+    Option("--instances", 2, "service processes"),
+)
 
 
 async def scenario(args: argparse.Namespace) -> list[Result]:
     return [await run(args.profiles, args.rate, args.instances)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script(
-        "python -m bench.scaleout",
-        "Scenario 4: two processes sharing one API key.",
-        add_arguments,
-        scenario,
-        argv,
-    )
-
+main = main_of(
+    "python -m bench.scaleout",
+    "Scenario 4: two processes sharing one API key.",
+    add_arguments,
+    scenario,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

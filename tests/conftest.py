@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from consumer.embedded_broker import EmbeddedBroker
+from consumer.devtools.embedded_broker import EmbeddedBroker
 
 # Shared, small machines: a per-example deadline only makes property tests flaky.
 settings.register_profile("cmsync", deadline=None)

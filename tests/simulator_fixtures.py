@@ -11,7 +11,7 @@ import ssl
 import threading
 from types import TracebackType
 
-from consumer.campaign_monitor.simulator import Simulator, serve
+from consumer.devtools.simulator import Simulator, serve
 
 
 class FakeClock:

@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer.embedded_broker import free_port
+from consumer.devtools.embedded_broker import free_port
 from tests.harness import API_KEY, Dest, SyncHarness, event
 
 T0 = 1_764_417_600_000

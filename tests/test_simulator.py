@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from consumer.campaign_monitor.simulator import (
+from consumer.devtools.simulator import (
     AddressThrottle,
     FaultConfig,
     Simulator,

@@ -20,7 +20,7 @@ import pytest
 import trustme
 from createsend import BadRequest, ClientError, List, ServerError, Subscriber, Unauthorized
 
-from consumer.campaign_monitor.simulator import FaultConfig, Simulator, SimulatorConfig
+from consumer.devtools.simulator import FaultConfig, Simulator, SimulatorConfig
 from tests.simulator_fixtures import SimulatorThread
 
 API_KEY = "cs-test-key"

@@ -11,14 +11,14 @@ from urllib.parse import urlsplit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.campaign_monitor._simstate import (
+from consumer.devtools._simstate import (
     STATE_NAMES,
     PageRequest,
     SimList,
     SimState,
     TokenBucket,
 )
-from consumer.campaign_monitor.simulator import Simulator, SimulatorConfig
+from consumer.devtools.simulator import Simulator, SimulatorConfig
 from tests.simulator_fixtures import SimulatorThread
 
 LIST_ID = "0123456789abcdef0123456789abcdef"

@@ -5,9 +5,10 @@ If these were wrong, a broken sync could pass the demo: so they are tested on th
 
 from __future__ import annotations
 
-from consumer.demo import SEGMENTS, compare
+from consumer.devtools.rig import DEMO_SEGMENTS as SEGMENTS
+from consumer.devtools.rig import compare
+from consumer.devtools.synthetic import Produced, StreamGenerator, expected_state, fewest_requests
 from consumer.events import MembershipChange, decode
-from consumer.synthetic import Produced, StreamGenerator, expected_state, fewest_requests
 
 
 def rec(email: str, entered: bool, at: int, seg: str = "s", city: str = "Oslo") -> Produced:

@@ -1,15 +1,17 @@
 """Shared machinery of the fault suite.
 
-`FaultRig` is one sync under test: the Campaign Monitor simulator served in the test process
-(so its state survives restarts of the service), one topic, dead-letter topic and consumer group
-on a real broker, and any number of service processes (`python -m consumer run` with a CMSYNC_*
-environment) started, killed and restarted by the test. It remembers every record it produced
-with the partition and offset the broker acknowledged (the bundled broker's ListOffsets answers
-are not reliable), so that a scenario can compute the expected lists from the produced events
-alone and check the committed offsets against what the simulator really holds.
+`FaultRig` is one sync under test, built on the rig (`consumer.devtools.rig.SyncRig`): the
+Campaign Monitor simulator served in the test process (so its state survives restarts of the
+service), one topic, dead-letter topic and consumer group on a real broker, and any number of
+service processes (`python -m consumer run` with a CMSYNC_* environment, the rig's
+`ServiceProcess`) started, killed and restarted by the test. It remembers every record it
+produced with the partition and offset the broker acknowledged (the bundled broker's
+ListOffsets answers are not reliable), so that a scenario can compute the expected lists from
+the produced events alone and check the committed offsets against what the simulator really
+holds.
 
 The checks (each returns a list of problems, empty when all is well; no address is printed):
-- `list_problems`: a destination's list against `consumer.synthetic.expected_state`;
+- `list_problems`: a destination's list against `consumer.devtools.synthetic.expected_state`;
 - `committed_but_unapplied`: every record below the committed offset is reflected in its list
   (see the function's docstring for why the check is sound);
 - `out_of_order_writes`: per address, applied versions never go back in event time, except for
@@ -24,31 +26,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import aiohttp
-import orjson
 import psutil
-from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.campaign_monitor.simulator import AppliedWrite, Simulator, SimulatorConfig, serve
-from consumer.demo import compare, field_values
-from consumer.embedded_broker import create_topics, free_port
-from consumer.events import parse_email
-from consumer.synthetic import (
+from consumer.devtools import rig
+from consumer.devtools.rig import (
+    Metrics,
+    ServiceProcess,
+    SyncRig,
+    compare,
+    field_values,
+    headers_of,
+)
+from consumer.devtools.simulator import AppliedWrite, Simulator, SimulatorConfig
+from consumer.devtools.synthetic import (
     Expected,
     Produced,
     SegmentSpec,
@@ -56,7 +56,37 @@ from consumer.synthetic import (
     event_bytes,
     expected_state,
 )
-from tests import harness
+from consumer.events import parse_email
+
+__all__ = [
+    "API_KEY",
+    "DESTS",
+    "SEGMENTS",
+    "VERSION",
+    "Dest",
+    "FaultRig",
+    "Metrics",
+    "Repeats",
+    "Replay",
+    "Sent",
+    "ServiceProcess",
+    "change",
+    "committed_but_unapplied",
+    "dead_letter_source",
+    "expected_dead_letters",
+    "headers_of",
+    "list_problems",
+    "note",
+    "out_of_order_writes",
+    "peak_per_window",
+    "repeated_writes",
+    "rng_for",
+    "sample_rss",
+    "scaled",
+    "stream",
+    "unpaced_requests",
+    "version_of",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 CHAOS = os.environ.get("CMSYNC_CHAOS") == "1"
@@ -83,7 +113,7 @@ def note(text: str) -> None:
 
 
 @dataclass
-class Dest(harness.Dest):
+class Dest(rig.Dest):
     """A destination with the fault suite's defaults: a Version field that shows which change
     was applied to each member, and ConsentToTrack left Unchanged."""
 
@@ -128,7 +158,7 @@ def stream(
     """A synthetic stream whose profiles carry `version` = occurred_at (see `StreamGenerator`).
 
     `ordered` (the default) keeps each address's changes in event-time order: the stream for
-    which lists stay exact across restarts and rebalances (README, known limits).
+    which lists stay exact across restarts and rebalances (docs/architecture.md, known limits).
     """
     gen = StreamGenerator(
         seed=seed,
@@ -180,49 +210,7 @@ def change(
     )
 
 
-# ------------------------------------------------------------------------------- the simulator
-
-
-class TrackingSimulator(Simulator):
-    """The simulator, plus a count of the API requests being handled right now per endpoint
-    (to kill the service while an import is in flight)."""
-
-    def __init__(self, config: SimulatorConfig) -> None:
-        super().__init__(config)
-        self.in_flight: Counter[str] = Counter()
-
-    def app(self) -> web.Application:
-        app = super().app()
-
-        @web.middleware
-        async def track(
-            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.StreamResponse:
-            kind = _kind(request)
-            self.in_flight[kind] += 1
-            try:
-                return await handler(request)
-            finally:
-                self.in_flight[kind] -= 1
-
-        app.middlewares.append(track)
-        return app
-
-
-def _kind(request: web.Request) -> str:
-    path = request.path
-    if not path.startswith("/api/"):
-        return "admin"
-    if path.endswith("/import.json"):
-        return "import"
-    if path.endswith("/unsubscribe.json"):
-        return "unsubscribe"
-    if request.method == "DELETE":
-        return "delete"
-    return "other"
-
-
-# ------------------------------------------------------------------------------- a service process
+# ------------------------------------------------------------------------------- the rig
 
 
 @dataclass
@@ -234,125 +222,18 @@ class Sent:
     offset: int
 
 
-class ServiceProcess:
-    """`python -m consumer run` as a child process; its JSON log lines go to a file."""
-
-    def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
-        self.name = name
-        self.port = int(env["CMSYNC_HTTP_PORT"])
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run"],
-            env=dict(env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        self.pid = self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, no commit, no LeaveGroup."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-
-    async def wait(self, within_s: float) -> int:
-        try:
-            await asyncio.to_thread(self.proc.wait, within_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(
-                f"{self.name} did not exit within {within_s:.0f} s\n{self.tail()}"
-            ) from None
-        self._log.close()
-        return self.proc.returncode
-
-    def close(self) -> None:
-        if self.alive():
-            self.kill()
-        self._log.close()
-
-    # logs ----------------------------------------------------------------------------------
-    def log_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for raw in self.log_path.read_bytes().splitlines():
-            with contextlib.suppress(orjson.JSONDecodeError):
-                parsed = orjson.loads(raw)
-                if isinstance(parsed, dict):
-                    lines.append(parsed)
-        return lines
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        return [line for line in self.log_lines() if line.get("event") == event]
-
-    def assigned(self) -> set[int] | None:
-        """Partitions of the last `partitions_assigned` line (None before the first one)."""
-        found = self.events("partitions_assigned")
-        return set(found[-1]["partitions"]) if found else None
-
-    def tail(self, lines: int = 25) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return f"--- last lines of {self.name}'s log ---\n" + "\n".join(text[-lines:])
-
-    # HTTP ----------------------------------------------------------------------------------
-    async def get(self, path: str) -> tuple[int, str]:
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(f"http://127.0.0.1:{self.port}{path}") as response,
-        ):
-            return response.status, await response.text()
-
-    async def metrics(self) -> Metrics:
-        status, text = await self.get("/metrics")
-        assert status == 200, status
-        return Metrics.parse(text)
-
-    def rss(self) -> int:
-        return int(psutil.Process(self.pid).memory_info().rss)
-
-
-@dataclass
-class Metrics:
-    samples: dict[str, list[tuple[dict[str, str], float]]]
-
-    @classmethod
-    def parse(cls, text: str) -> Metrics:
-        samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples[sample.name].append((dict(sample.labels), float(sample.value)))
-        return cls(samples)
-
-    def value(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` whose labels include `labels`."""
-        return sum(
-            v
-            for have, v in self.samples.get(name, [])
-            if all(have.get(k) == want for k, want in labels.items())
-        )
-
-    def has(self, name: str, **labels: str) -> bool:
-        return any(
-            all(have.get(k) == want for k, want in labels.items())
-            for have, _ in self.samples.get(name, [])
-        )
-
-
-# ------------------------------------------------------------------------------- the rig
-
-
-class FaultRig:
+class FaultRig(SyncRig):
     """See the module docstring. Use as `async with FaultRig(...) as rig:`."""
+
+    defaults: ClassVar[Mapping[str, str]] = {
+        "CMSYNC_FLUSH_INTERVAL_S": "0.3",
+        "CMSYNC_SHUTDOWN_BUDGET_S": "10",
+        "CMSYNC_HTTP_PORT": "0",  # each process gets a free port
+        "CMSYNC_RATE_LIMIT_RPS": "200",
+        "CMSYNC_CONSENT_REFRESH_S": "5",
+        "CMSYNC_LOG_LEVEL": "info",
+        "CMSYNC_LOG_FORMAT": "json",
+    }
 
     def __init__(
         self,
@@ -364,65 +245,26 @@ class FaultRig:
         sim_config: SimulatorConfig | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.bootstrap = bootstrap
-        self.tmp = tmp
-        self.dests = list(dests)
-        self.partitions = partitions
-        tag = uuid.uuid4().hex[:10]
-        self.topic = f"faults-{tag}"
-        self.dlq_topic = f"faults-{tag}.dlq"
-        self.group = f"cmsync-faults-{tag}"
         config = sim_config or SimulatorConfig(api_keys=(API_KEY,))
         config.apply_log = True
-        self.sim = TrackingSimulator(config)
-        self.extra_env = dict(env or {})
-        self.list_ids: dict[str, str] = {}
-        self.base_url = ""
+        super().__init__(
+            bootstrap,
+            tmp,
+            dests,
+            api_key=API_KEY,
+            partitions=partitions,
+            sim_config=config,
+            env=env,
+            prefix="faults",
+            cwd=REPO,
+        )
         self.sent: list[Sent] = []
-        self.ends: dict[int, int] = {}
-        self.procs: list[ServiceProcess] = []
-        self._producer: AIOKafkaProducer | None = None
-        self._offsets: AIOKafkaConsumer | None = None
-        self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> FaultRig:
-        self.base_url = await self._stack.enter_async_context(serve(self.sim))
-        for dest in self.dests:
-            self.list_ids[dest.name] = dest.list_id or self.sim.add_list(
-                title=dest.name, unsubscribe_setting="OnlyThisList", api_key=API_KEY
-            )
-        await create_topics(self.bootstrap, {self.topic: self.partitions, self.dlq_topic: 1})
+        await super().__aenter__()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            proc.close()
-        if self._producer is not None:
-            await self._producer.stop()
-        if self._offsets is not None:
-            await self._offsets.stop()
-        await self._stack.aclose()
-
     # services ------------------------------------------------------------------------------
-    def env(self, **overrides: str) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("CMSYNC_")}
-        settings = {
-            "CMSYNC_CM_API_KEY": API_KEY,
-            "CMSYNC_HTTP_PORT": str(free_port()),
-            "CMSYNC_RATE_LIMIT_RPS": "200",
-            "CMSYNC_CONSENT_REFRESH_S": "5",
-            "CMSYNC_LOG_LEVEL": "info",
-            "CMSYNC_LOG_FORMAT": "json",
-        }
-        settings |= {**self.extra_env, **overrides}
-        return base | harness.service_env(self, self.dests, **settings)
-
-    def spawn(self, name: str = "svc", **env: str) -> ServiceProcess:
-        index = len(self.procs)
-        proc = ServiceProcess(name, self.env(**env), self.tmp / f"{name}-{index}.log")
-        self.procs.append(proc)
-        return proc
-
     async def wait_assigned(self, proc: ServiceProcess, within_s: float = 60.0) -> set[int]:
         """Until the process logged a partition assignment (the group join is slow on the
         bundled broker: ~5 s, ~18 s when a killed member must time out first)."""
@@ -433,36 +275,6 @@ class FaultRig:
         assert found is not None
         return found
 
-    async def wait_for(
-        self,
-        condition: Callable[[], bool | Awaitable[bool]],
-        within_s: float,
-        what: str,
-        watch: Iterable[ServiceProcess] = (),
-        *,
-        every_s: float = 0.1,
-    ) -> None:
-        """Poll `condition` until true; fail with `what` after `within_s`, or at once if a
-        watched process exits."""
-        watched = list(watch)
-        deadline = time.monotonic() + within_s
-        while True:
-            result = condition()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            for proc in watched:
-                if not proc.alive():
-                    raise AssertionError(
-                        f"{proc.name} exited ({proc.proc.returncode}) while waiting for: "
-                        f"{what}\n{proc.tail()}"
-                    )
-            if time.monotonic() >= deadline:
-                tails = "\n".join(p.tail() for p in watched)
-                raise AssertionError(f"not within {within_s:.0f} s: {what}\n{tails}")
-            await asyncio.sleep(every_s)
-
     # kafka ---------------------------------------------------------------------------------
     async def produce(
         self,
@@ -472,20 +284,12 @@ class FaultRig:
         """Produce in order; remember each record's partition and offset from the acks.
         `raw` maps `id(record)` to the key and value to send instead (None: no key, or a
         tombstone)."""
-        if self._producer is None:
-            self._producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, acks="all", linger_ms=5
-            )
-            await self._producer.start()
-        futures = []
-        for r in records:
-            key, value = raw.get(id(r), (r.key, r.value)) if raw else (r.key, r.value)
-            futures.append(await self._producer.send(self.topic, key=key, value=value))
-        sent = []
-        for record, future in zip(records, futures, strict=True):
-            meta = await future
-            sent.append(Sent(record, meta.partition, meta.offset))
-            self.ends[meta.partition] = max(self.ends.get(meta.partition, 0), meta.offset + 1)
+        pairs = [raw.get(id(r), (r.key, r.value)) if raw else (r.key, r.value) for r in records]
+        placed = await self.produce_pairs(pairs)
+        sent = [
+            Sent(record, partition, offset)
+            for record, (partition, offset) in zip(records, placed, strict=True)
+        ]
         self.sent.extend(sent)
         return sent
 
@@ -500,16 +304,7 @@ class FaultRig:
 
     async def committed(self) -> dict[int, int]:
         """The group's committed offsets as the broker holds them (0: none)."""
-        if self._offsets is None:
-            self._offsets = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False
-            )
-            await self._offsets.start()
-        out = {}
-        for p in range(self.partitions):
-            offset = await self._offsets.committed(TopicPartition(self.topic, p))
-            out[p] = offset or 0
-        return out
+        return {p: offset or 0 for p, offset in (await self.committed_offsets()).items()}
 
     async def wait_all_committed(
         self, within_s: float, watch: Iterable[ServiceProcess] = ()
@@ -524,7 +319,7 @@ class FaultRig:
 
         try:
             await self.wait_for(done, within_s, "every produced record committed", watch)
-        except AssertionError as exc:
+        except (TimeoutError, rig.ServiceExitedError) as exc:
             raise AssertionError(f"{exc}\nends {ends}, committed {last}") from None
         return last
 
@@ -534,33 +329,14 @@ class FaultRig:
         """Every record of the dead-letter topic; waits until one for each (partition, offset)
         in `sources` is there (replays after a crash may have written some twice)."""
         wanted = set(sources)
-        consumer = AIOKafkaConsumer(
-            self.dlq_topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest"
+        return await self.read_dead_letters(
+            lambda out: not wanted - {dead_letter_source(r) for r in out},
+            within_s,
+            poll_ms=300,
+            settle_ms=500,
         )
-        await consumer.start()
-        out: list[Any] = []
-        try:
-            deadline = time.monotonic() + within_s
-            while wanted - {dead_letter_source(r) for r in out}:
-                if time.monotonic() > deadline:
-                    break
-                for records in (await consumer.getmany(timeout_ms=300)).values():
-                    out.extend(records)
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(records)
-        finally:
-            await consumer.stop()
-        return out
 
     # lists ---------------------------------------------------------------------------------
-    def members(self, dest: str) -> dict[str, dict[str, Any]]:
-        """The destination's list as the simulator holds it ({} for a list it does not know:
-        a destination configured with a wrong ListID)."""
-        try:
-            return self.sim.list_state(self.list_ids[dest])
-        except KeyError:
-            return {}
-
     def records(self) -> list[Produced]:
         return [s.record for s in self.sent]
 
@@ -586,11 +362,7 @@ class FaultRig:
 # ------------------------------------------------------------------------------- checks
 
 
-def headers_of(record: Any) -> dict[str, str]:
-    return {k: v.decode() for k, v in record.headers}
-
-
-def expected_dead_letters(sent: Iterable[Sent], dests: Sequence[Dest]) -> set[tuple[int, int]]:
+def expected_dead_letters(sent: Iterable[Sent], dests: Sequence[rig.Dest]) -> set[tuple[int, int]]:
     """(partition, offset) of the produced records the service must dead-letter: undecodable
     ones, and valid ones without a usable address for a list their segment feeds (a valid
     event of a segment no list takes concerns no destination: it is skipped, not refused)."""
@@ -613,7 +385,7 @@ def dead_letter_source(record: Any) -> tuple[int, int]:
 
 
 def list_problems(
-    expected: Expected, members: Mapping[str, Mapping[str, Any]], dest: Dest
+    expected: Expected, members: Mapping[str, Mapping[str, Any]], dest: rig.Dest
 ) -> list[str]:
     """Differences between a list and its expected state, counted by kind (no addresses)."""
     return compare(expected, members, dest.custom_fields)
@@ -630,7 +402,7 @@ def committed_but_unapplied(
     sent: Sequence[Sent],
     committed: Mapping[int, int],
     members: Mapping[str, Mapping[str, Mapping[str, Any]]],
-    dests: Sequence[Dest],
+    dests: Sequence[rig.Dest],
 ) -> list[str]:
     """Records below the committed offset whose change the list does not reflect.
 
@@ -697,20 +469,20 @@ class Replay:
 def out_of_order_writes(
     writes: Sequence[AppliedWrite],
     sent: Sequence[Sent],
-    dests: Sequence[Dest],
+    dests: Sequence[rig.Dest],
     list_ids: Mapping[str, str],
     replays: Sequence[Replay] = (),
 ) -> list[str]:
     """Per (list, address), writes that went back in event time.
 
     An import row carries the change's Version (its occurred_at): for one address the Versions
-    applied must never decrease. A removal must be newer than the add it undoes: the stream
-    must hold an exit of that address newer than the Version last applied. The exception is
-    the documented replay after a crash (README, known limits): after a SIGKILL the new owner
-    of the dead process's partitions re-reads them from the committed offset and repeats, in
-    their original order, changes the dead process had applied; a write is excused when it
-    happened after such a kill and the stream holds a record of that address, at or above the
-    commit, that explains it.
+    applied must never decrease. A removal must be newer than the add it undoes: the stream must
+    hold an exit of that address newer than the Version last applied. The exception is the
+    documented replay after a crash (docs/architecture.md, known limits): after a SIGKILL the new
+    owner of the dead process's partitions re-reads them from the committed offset and repeats, in
+    their original order, changes the dead process had applied; a write is excused when it happened
+    after such a kill and the stream holds a record of that address, at or above the commit, that
+    explains it.
     """
     segment_of = {list_ids[d.name]: d.segment_id for d in dests}
     by_change: dict[tuple[str, str], list[Sent]] = defaultdict(list)
@@ -718,6 +490,9 @@ def out_of_order_writes(
         r = s.record
         if r.invalid is None and r.email is not None and r.segment_id:
             by_change[(r.segment_id, r.email)].append(s)
+
+    def has_occurred_at(ms: int, record: Produced) -> bool:
+        return record.occurred_at_ms == ms
 
     def replayed(at: float, segment: str, email: str, match: Callable[[Produced], bool]) -> bool:
         for replay in replays:
@@ -745,7 +520,9 @@ def out_of_order_writes(
             if (
                 current is not None
                 and version < current
-                and not replayed(w.at, segment, w.email, lambda r, v=version: r.occurred_at_ms == v)
+                and not replayed(
+                    w.at, segment, w.email, functools.partial(has_occurred_at, version)
+                )
             ):
                 problems["an add older than one applied before"] += 1
             latest[key] = version if current is None else max(current, version)
@@ -777,7 +554,7 @@ class Repeats:
 def repeated_writes(
     writes: Iterable[AppliedWrite],
     sent: Iterable[Sent],
-    dests: Sequence[Dest],
+    dests: Sequence[rig.Dest],
     list_ids: Mapping[str, str],
 ) -> Repeats:
     """Writes beyond the first application of the same change, from the simulator's log.

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from consumer.campaign_monitor.simulator import FaultConfig, SimulatorConfig
-from consumer.embedded_broker import EmbeddedBroker
-from consumer.synthetic import Produced
+from consumer.devtools.embedded_broker import EmbeddedBroker
+from consumer.devtools.simulator import FaultConfig, SimulatorConfig
+from consumer.devtools.synthetic import Produced
 from tests.faults.support import (
     API_KEY,
     CHAOS,

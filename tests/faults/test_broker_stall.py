@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.embedded_broker import EmbeddedBroker
+from consumer.devtools.embedded_broker import EmbeddedBroker
 from tests.faults.support import FaultRig, note, scaled, stream
 
 STALL_S = scaled(13, 45)  # chaos: also past aiokafka's request timeout (40 s)

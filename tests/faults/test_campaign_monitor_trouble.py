@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.campaign_monitor.simulator import FaultConfig, SimulatorConfig
-from consumer.synthetic import fewest_requests
+from consumer.devtools.simulator import FaultConfig, SimulatorConfig
+from consumer.devtools.synthetic import fewest_requests
 from tests.faults.support import (
     API_KEY,
     CHAOS,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.campaign_monitor.simulator import FaultConfig, SimulatorConfig
+from consumer.devtools.simulator import FaultConfig, SimulatorConfig
 from tests.faults.support import (
     API_KEY,
     CHAOS,

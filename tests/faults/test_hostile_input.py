@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumer.devtools.synthetic import Produced
 from consumer.events import MAX_EVENT_BYTES, Invalid, MembershipChange, decode, parse_email
-from consumer.synthetic import Produced
 from tests.faults.support import (
     FaultRig,
     change,

@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer.embedded_broker import free_port
+from consumer.devtools.embedded_broker import free_port
 from tests.faults.support import (
     API_KEY,
     CHAOS,

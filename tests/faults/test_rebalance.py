@@ -91,7 +91,7 @@ async def test_rebalance_while_campaign_monitor_is_down(
     cannot flush its revoked partitions within the revocation budget (20 s), hands them over
     uncommitted (`revocation_flush_incomplete`) and keeps some of them. Nothing may crash, no
     offset may pass an unapplied change, and once Campaign Monitor is back the lists match."""
-    from consumer.campaign_monitor.simulator import FaultConfig
+    from consumer.devtools.simulator import FaultConfig
 
     records = stream(scaled(400, 1500), seed=32)
     async with FaultRig(kafka_bootstrap, tmp_path, partitions=4) as rig:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from consumer.campaign_monitor.simulator import AppliedWrite
-from consumer.demo import expected_values
-from consumer.synthetic import Produced, expected_state
+from consumer.devtools.rig import expected_values
+from consumer.devtools.simulator import AppliedWrite
+from consumer.devtools.synthetic import Produced, expected_state
 from tests.faults.support import (
     VERSION,
     Dest,

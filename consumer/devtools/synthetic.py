@@ -93,7 +93,7 @@ class StreamGenerator:
     events, and a duplicate comes before the next change of its profile and segment. That is the
     stream for which the lists stay exact across restarts and rebalances (the applied-time
     memory does not survive them, so a late change read afterwards would be applied: see the
-    README's known limits). ``version_field`` names a profile field set to the change's
+    docs/architecture.md, known limits). ``version_field`` names a profile field set to the change's
     ``occurred_at`` in epoch ms, so that a list mapping it to a custom field shows which change
     was applied last.
     """
@@ -182,9 +182,16 @@ class StreamGenerator:
             seg = segment_ids[n % len(segment_ids)]
             ms = self.start_ms + rng.randrange(0, 3_600_000)
             profile: dict[str, object] = {"id": f"bad-{n}", "email": f"bad{n}@example.com"}
+            if kind == 3:
+                del profile["email"]
+            elif kind == 4:
+                profile["email"] = "not-an-address"
             if kind == 0:
                 value, reason = bytes(rng.getrandbits(8) for _ in range(40)), "invalid_json"
-            elif kind == 1:
+            elif kind == 2:
+                value = orjson.dumps({"event_id": f"bad-{n}", "segment_id": seg, "change": "maybe"})
+                reason = "schema"
+            else:  # a well-formed event: cut in half (1), without (3) or with a bad address (4)
                 full = event_bytes(
                     event_id=f"bad-{n}",
                     segment_id=seg,
@@ -192,30 +199,11 @@ class StreamGenerator:
                     occurred_at_ms=ms,
                     profile=profile,
                 )
-                value, reason = full[: len(full) // 2], "invalid_json"
-            elif kind == 2:
-                value = orjson.dumps({"event_id": f"bad-{n}", "segment_id": seg, "change": "maybe"})
-                reason = "schema"
-            elif kind == 3:
-                del profile["email"]
-                value = event_bytes(
-                    event_id=f"bad-{n}",
-                    segment_id=seg,
-                    entered=True,
-                    occurred_at_ms=ms,
-                    profile=profile,
-                )
-                reason = "missing_email"
-            else:
-                profile["email"] = "not-an-address"
-                value = event_bytes(
-                    event_id=f"bad-{n}",
-                    segment_id=seg,
-                    entered=True,
-                    occurred_at_ms=ms,
-                    profile=profile,
-                )
-                reason = "invalid_email"
+                value, reason = {
+                    1: (full[: len(full) // 2], "invalid_json"),
+                    3: (full, "missing_email"),
+                    4: (full, "invalid_email"),
+                }[kind]
             bad = Produced(
                 key=f"bad-{n}".encode(),
                 value=value,

@@ -7,7 +7,12 @@ key) and Bearer (OAuth token) auth, per-key rate limiting with ``X-RateLimit-*``
 optional per-address write throttle, seeded fault injection and an admin API under ``/_sim/``.
 
 The HTTP handlers are thin; lists and subscribers live in the plain-Python model of
-`consumer.campaign_monitor._simstate`, which property tests drive directly.
+`consumer.devtools._simstate`, which property tests drive directly.
+
+Watching it from the same process (tests, benchmarks): `Simulator.observe(callback)` hands the
+callback a `Served` for every API request answered (endpoint, list, addresses, status, times);
+`Simulator.in_flight` counts the API requests being handled right now, per endpoint;
+`SimulatorConfig.apply_log` keeps the accepted writes in order (`applied_writes`).
 
 Where the real API's behaviour is not documented, the simulator either makes it a setting or
 picks a code and says so here (and in ``cmsync simulator --help``):
@@ -64,22 +69,25 @@ import ssl
 import sys
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
 
-from consumer.campaign_monitor import _simstate as model
-from consumer.campaign_monitor._simstate import ApiError, SimList, SimState, TokenBucket
+from consumer.devtools import _simstate as model
+from consumer.devtools._simstate import ApiError, SimList, SimState, TokenBucket
 
 __all__ = [
     "AddressThrottle",
     "AppliedWrite",
     "FaultConfig",
+    "Observer",
+    "Served",
     "Simulator",
     "SimulatorConfig",
     "cli_main",
@@ -223,6 +231,44 @@ class AppliedWrite:
     applied: bool = True  # False: a removal answered Code 203 (not in the list any more)
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One API request the simulator answered, as `Simulator.observe` callbacks receive it.
+
+    `addresses` are the lower-cased addresses the request names (import rows, the body of an
+    add or unsubscribe, the ``email`` of a delete or get), also when the write was refused
+    (Code 203, the per-address throttle); () for listings, and when the request never reached
+    the list (`handled` False: answered by an injected fault, a credentials error, the rate
+    limit, or an unknown list or path). Times are taken when the answer was ready: `at` on the
+    simulator's `clock` (monotonic seconds), `wall` on its `wall_clock` (epoch seconds);
+    `arrived` is the clock when the request came in."""
+
+    method: str
+    endpoint: str  # one of ENDPOINTS
+    list_id: str  # "" when the path names no list
+    addresses: tuple[str, ...]
+    status: int | None  # None: the connection was dropped (an injected fault)
+    handled: bool
+    arrived: float
+    at: float
+    wall: float
+
+
+#: A callback of `Simulator.observe`. It runs inside the request handler, on the event loop
+#: serving the simulator: it must be quick and must not raise (an exception would turn the
+#: answer into a 500).
+Observer = Callable[[Served], None]
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What `_serve` learned about one request, for the observers."""
+
+    addresses: list[str] | None  # None: nobody observes, do not collect
+    handled: bool = False
+    dropped: bool = False
+
+
 class Simulator:
     """The simulated service: state, limits, faults and the aiohttp application.
 
@@ -272,6 +318,8 @@ class Simulator:
         self._counts: dict[str, dict[str, int]] = {}
         self._times: dict[str, deque[float]] = {}
         self._applied: list[AppliedWrite] | None = [] if config.apply_log else None
+        self._observers: list[Observer] = []
+        self._in_flight: Counter[str] = Counter()
 
     # configuration and in-process access ------------------------------------------------------
     def add_list(
@@ -329,6 +377,26 @@ class Simulator:
     def applied_writes(self) -> list[AppliedWrite]:
         """The accepted writes so far, oldest first (empty unless `config.apply_log`)."""
         return list(self._applied or ())
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Call `observer` with a `Served` for every API request answered from now on (admin
+        requests under /_sim/ are not observed); returns the function that stops it. While
+        anything observes, the addresses each request names are collected (a cost per
+        import row)."""
+        self._observers.append(observer)
+
+        def stop() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return stop
+
+    @property
+    def in_flight(self) -> Mapping[str, int]:
+        """API requests being handled right now, per endpoint (0 for an endpoint not seen),
+        from arrival to answer, injected latency included: a test can act while, say, an
+        import is in flight. A read-only live view."""
+        return MappingProxyType(self._in_flight)
 
     def reset_stats(self) -> None:
         self._counts.clear()
@@ -445,6 +513,37 @@ class Simulator:
     async def _api(self, request: web.Request) -> web.StreamResponse:
         endpoint, list_id, state = _route(request.method, request.match_info["tail"])
         now = self._clock()
+        exchange = _Exchange([] if self._observers else None)
+        self._in_flight[endpoint] += 1
+        try:
+            response = await self._serve(request, endpoint, list_id, state, now, exchange)
+        finally:
+            self._in_flight[endpoint] -= 1
+        if self._observers:
+            served = Served(
+                method=request.method,
+                endpoint=endpoint,
+                list_id=list_id,
+                addresses=tuple(exchange.addresses or ()),
+                status=None if exchange.dropped else response.status,
+                handled=exchange.handled,
+                arrived=now,
+                at=self._clock(),
+                wall=self._wall_clock(),
+            )
+            for observer in list(self._observers):
+                observer(served)
+        return response
+
+    async def _serve(
+        self,
+        request: web.Request,
+        endpoint: str,
+        list_id: str,
+        state: int,
+        now: float,
+        exchange: _Exchange,
+    ) -> web.StreamResponse:
         principal = self._authenticate(request.headers.get("Authorization"))
         if isinstance(principal, str):
             times = self._times.get(principal)
@@ -455,6 +554,7 @@ class Simulator:
         fault = await self._fault()
         if fault is not None:
             if fault == _DROP:
+                exchange.dropped = True
                 self._count(endpoint, "dropped")
                 if request.transport is not None:
                     request.transport.abort()
@@ -483,7 +583,10 @@ class Simulator:
             if endpoint == "unknown":
                 raise ApiError(404, 404, "Resource not found")
             lst = self.state.get_list(principal, list_id)
-            status, body = await self._handle(endpoint, request, lst, state, now)
+            exchange.handled = True
+            status, body = await self._handle(
+                endpoint, request, lst, state, now, exchange.addresses
+            )
         except ApiError as exc:
             return self._reply(endpoint, exc.status, exc.body(), headers)
         except _ThrottledError:
@@ -507,8 +610,16 @@ class Simulator:
         )
 
     async def _handle(
-        self, endpoint: str, request: web.Request, lst: SimList, state: int, now: float
+        self,
+        endpoint: str,
+        request: web.Request,
+        lst: SimList,
+        state: int,
+        now: float,
+        seen: list[str] | None,
     ) -> tuple[int, bytes | None]:
+        """Serve one request on `lst`; when `seen` is a list, the addresses the request names
+        are appended to it before anything can refuse the request."""
         st = self.state
         query = request.query
         if endpoint == "import":
@@ -516,6 +627,12 @@ class Simulator:
             if not isinstance(body, dict):
                 raise ApiError(400, model.CODE_BAD_REQUEST, "Failed to deserialize your request")
             rows = body.get("Subscribers")
+            if seen is not None and isinstance(rows, list):
+                seen.extend(
+                    row["EmailAddress"].strip().lower()
+                    for row in rows
+                    if isinstance(row, dict) and isinstance(row.get("EmailAddress"), str)
+                )
             keys = _row_keys(rows) if self._throttle is not None else ()
             self._check_throttle(lst.list_id, keys, now)
             outcome = st.import_subscribers(
@@ -536,8 +653,7 @@ class Simulator:
             return 201, orjson.dumps(result)
         if endpoint == "add":
             body = await _json_body(request)
-            email = body.get("EmailAddress") if isinstance(body, dict) else None
-            keys = (email.lower(),) if isinstance(email, str) and self._throttle else ()
+            _, keys = self._addressed(body, seen)
             self._check_throttle(lst.list_id, keys, now)
             added = st.add_subscriber(lst, body, now=self._now())
             self._record_writes(lst.list_id, keys, now)
@@ -546,16 +662,16 @@ class Simulator:
             return 201, orjson.dumps(added)
         if endpoint == "unsubscribe":
             body = await _json_body(request)
-            email = body.get("EmailAddress") if isinstance(body, dict) else None
-            keys = (email.lower(),) if isinstance(email, str) and self._throttle else ()
+            address, keys = self._addressed(body, seen)
             self._check_throttle(lst.list_id, keys, now)
-            address = email if isinstance(email, str) else ""
             with self._log_removal("unsubscribe", lst.list_id, address):
                 st.unsubscribe(lst, address, now=self._now())
             self._record_writes(lst.list_id, keys, now)
             return 200, None
         if endpoint == "delete":
             email = query.get("email", "")
+            if seen is not None:
+                seen.append(email.strip().lower())
             keys = (email.lower(),) if self._throttle else ()
             self._check_throttle(lst.list_id, keys, now)
             with self._log_removal("delete", lst.list_id, email):
@@ -564,6 +680,8 @@ class Simulator:
             return 200, None
         include_consent = model.parse_bool(query.get("includetrackingpreference"))
         if endpoint == "get":
+            if seen is not None:
+                seen.append(query.get("email", "").strip().lower())
             sub = st.get(lst, query.get("email", ""))
             return 200, orjson.dumps(sub.to_json(include_consent=include_consent))
         if endpoint == "list_details":
@@ -572,6 +690,16 @@ class Simulator:
             return 200, orjson.dumps(lst.stats())
         page_request = model.parse_page_request(query)
         return 200, orjson.dumps(st.page(lst, state, page_request, include_consent=include_consent))
+
+    def _addressed(self, body: object, seen: list[str] | None) -> tuple[str, tuple[str, ...]]:
+        """The ``EmailAddress`` of a single-subscriber body ("" when absent), and its throttle
+        keys; notes it in `seen` (see `_handle`)."""
+        email = body.get("EmailAddress") if isinstance(body, dict) else None
+        if not isinstance(email, str):
+            return "", ()
+        if seen is not None:
+            seen.append(email.strip().lower())
+        return email, (email.lower(),) if self._throttle else ()
 
     # apply log (opt-in) -----------------------------------------------------------------------
     def _log_import(self, list_id: str, rows: object, outcome: model.ImportOutcome) -> None:

@@ -10,6 +10,9 @@
 5. produce the rest of the stream (re-entries of those people among it) and sync again;
 6. read every list back through the API and compare it with the state computed independently
    from the generated events; print a summary; exit 0 only if every list matches.
+
+Built on the rig (`consumer.devtools.rig`): its standard workload (`DEMO_DESTINATIONS`,
+`DEMO_SEGMENTS`), destinations file, producer, in-process runner and list comparison.
 """
 
 from __future__ import annotations
@@ -23,90 +26,38 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
 
 from consumer import observability as obs
-from consumer.app import Service
 from consumer.campaign_monitor.client import ApiKey, CampaignMonitorClient
-from consumer.embedded_broker import create_topics, running_broker
-from consumer.settings import ConfigError, Settings, load_settings
-from consumer.synthetic import (
-    Expected,
+from consumer.devtools.embedded_broker import create_topics, running_broker
+from consumer.devtools.rig import (
+    DEMO_DESTINATIONS,
+    DEMO_SEGMENTS,
+    InProcessService,
+    Progress,
+    compare,
+    destinations_toml,
+    produce,
+)
+from consumer.devtools.simulator import Simulator, SimulatorConfig, serve
+from consumer.devtools.synthetic import (
     Produced,
-    SegmentSpec,
     StreamGenerator,
     expected_state,
     fewest_requests,
 )
+from consumer.settings import ConfigError, Settings, load_settings
 
 DEMO_KEY = "demo-api-key-not-a-secret"
 PARTITIONS = 6
-
-
-@dataclass(frozen=True)
-class DemoDestination:
-    name: str
-    segment_id: str
-    removal: str
-    resubscribe: str
-    unsubscribe_setting: Literal["AllClientLists", "OnlyThisList"]
-
-
-DESTINATIONS = (
-    DemoDestination("vip-newsletter", "vip-customers", "delete", "deleted-only", "OnlyThisList"),
-    DemoDestination("vip-offers", "vip-customers", "unsubscribe", "always", "OnlyThisList"),
-    DemoDestination("winback", "lapsed-buyers", "delete", "deleted-only", "OnlyThisList"),
-    DemoDestination("weekly-digest", "newsletter-all", "delete", "never", "OnlyThisList"),
-)
-SEGMENTS = (
-    SegmentSpec("vip-customers", share=0.35, max_changes=5),
-    SegmentSpec("lapsed-buyers", share=0.3, max_changes=4),
-    SegmentSpec("newsletter-all", share=0.7, max_changes=3, exits=False),
-    SegmentSpec("beta-testers", share=0.1, max_changes=3),  # no destination: skipped
-)
-
-
-#: The custom fields of the demo's lists, as its destinations file maps them.
-CUSTOM_FIELDS: Final = {"City": "city", "Tier": "tier", "Interests": "interests"}
-
-
-def destination_toml(
-    name: str,
-    segment_id: str,
-    list_id: str,
-    *,
-    removal: str = "delete",
-    resubscribe: str = "deleted-only",
-) -> str:
-    """One `[[destination]]` of a destinations file, with the demo's field mapping."""
-    fields = "".join(f'{key} = "{field}"\n' for key, field in CUSTOM_FIELDS.items())
-    return f"""[[destination]]
-name = "{name}"
-segment_id = "{segment_id}"
-list_id = "{list_id}"
-email_field = "email"
-name_field = "full_name"
-removal = "{removal}"
-resubscribe = "{resubscribe}"
-consent_to_track = "Unchanged"
-
-[destination.custom_fields]
-{fields}"""
-
-
-def destinations_toml(list_ids: dict[str, str]) -> str:
-    return "\n".join(
-        destination_toml(
-            d.name, d.segment_id, list_ids[d.name], removal=d.removal, resubscribe=d.resubscribe
-        )
-        for d in DESTINATIONS
-    )
+DESTINATIONS = DEMO_DESTINATIONS
 
 
 # ------------------------------------------------------------------------------- the run
@@ -128,50 +79,45 @@ def _print(*parts: object) -> None:
 
 
 async def _produce(
-    bootstrap: str, topic: str, records: Sequence[Produced], kafka: dict[str, Any]
-) -> dict[int, int]:
-    """Produce and return, per partition, the offset after the last record written.
-
-    The end offsets come from the broker's acknowledgements, not from a ListOffsets request:
-    the bundled broker answers those with wrong values.
-    """
+    bootstrap: str,
+    topic: str,
+    records: Sequence[Produced],
+    kafka: dict[str, Any],
+    ends: dict[int, int],
+) -> None:
+    """Produce; `ends` (per partition, the offset after the last record written) is raised
+    from the broker's acknowledgements (see `rig.produce`)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all", **kafka)
     await producer.start()
-    ends: dict[int, int] = {}
     try:
-        futures = [await producer.send(topic, key=r.key, value=r.value) for r in records]
-        await producer.flush()
-        for fut in futures:
-            meta = await fut
-            ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+        await produce(producer, topic, ((r.key, r.value) for r in records), ends)
     finally:
         await producer.stop()
-    return ends
 
 
-async def _wait_synced(service: Service, ends: dict[int, int], produced: int, label: str) -> None:
-    """Until every partition's committed offset reaches its end and nothing is pending."""
+def _progress_line(label: str) -> Callable[[Progress], None]:
+    """A live progress line while a part of the stream syncs (a line every 5 s off a tty)."""
     tty = sys.stdout.isatty()
     last_print = 0.0
-    while True:
-        committed = {p: service.source.committed(p) or 0 for p in ends}
-        done = sum(min(committed[p], ends[p]) for p in ends)
-        total = sum(ends.values())
-        pending = service.tracker.outstanding()
-        now = time.monotonic()
-        if done >= total and pending == 0:
+
+    def show(progress: Progress) -> None:
+        nonlocal last_print
+        if progress.synced:
             if tty:
                 print(file=sys.stdout)
             return
+        now = time.monotonic()
         if now - last_print >= (0.5 if tty else 5.0):
             last_print = now
             applied = _counter_total(obs.applied_changes)
             line = (
-                f"[{label}] committed {done:>7}/{total} records · pending {pending:>6} · "
-                f"applied {int(applied):>6} · requests {int(_counter_total(obs.api_requests)):>6}"
+                f"[{label}] committed {progress.done:>7}/{progress.total} records · "
+                f"pending {progress.pending:>6} · applied {int(applied):>6} · "
+                f"requests {int(_counter_total(obs.api_requests)):>6}"
             )
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-        await asyncio.sleep(0.2)
+
+    return show
 
 
 def _counter_total(metric: Any) -> float:
@@ -200,52 +146,8 @@ async def _read_list(client: CampaignMonitorClient, list_id: str) -> dict[str, d
     return members
 
 
-def field_values(member: Mapping[str, Any], key: str) -> list[str]:
-    """The values a member read back holds in custom field `key`, sorted."""
-    return sorted(str(f["Value"]) for f in member.get("CustomFields", []) if f.get("Key") == key)
-
-
-def expected_values(value: object) -> list[str]:
-    """What a custom field holds after a profile value was synced (see `build_row`)."""
-    if value is None or value == []:
-        return []
-    if isinstance(value, list):
-        return sorted(str(v) for v in value)
-    if isinstance(value, bool):
-        return ["true" if value else "false"]
-    return [str(value)]
-
-
-def compare(
-    expected: Expected,
-    members: Mapping[str, Mapping[str, Any]],
-    custom_fields: Mapping[str, str] = CUSTOM_FIELDS,
-) -> list[str]:
-    """Differences between a list read back and its expected state, counted by kind (no
-    addresses printed). `custom_fields`: Campaign Monitor key -> profile field."""
-    problems: Counter[str] = Counter()
-    active = {a for a, m in members.items() if m.get("State") == "Active"}
-    problems["missing or inactive"] = len(set(expected.active) - active)
-    problems["active but should not be"] = len(active & expected.inactive)
-    problems["active but never in the segment"] = len(
-        active - set(expected.active) - expected.inactive
-    )
-    for address in set(expected.active) & active:
-        profile, member = expected.active[address], members[address]
-        if member.get("Name") != profile.get("full_name"):
-            problems["wrong name"] += 1
-        for key, profile_field in custom_fields.items():
-            if profile_field in profile and field_values(member, key) != expected_values(
-                profile[profile_field]
-            ):
-                problems[f"wrong {key}"] += 1
-    return [f"{n} {what}" for what, n in problems.items() if n]
-
-
 @contextlib.asynccontextmanager
 async def _simulator(rate_rps: float) -> AsyncIterator[tuple[str, dict[str, str]]]:
-    from consumer.campaign_monitor.simulator import Simulator, SimulatorConfig, serve
-
     sim = Simulator(SimulatorConfig(api_keys=(DEMO_KEY,), rate_limit_rps=rate_rps, seed=1))
     list_ids = {
         d.name: sim.add_list(
@@ -318,7 +220,7 @@ async def run_demo(args: argparse.Namespace) -> int:
 
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cmsync-demo-")))
         dest_file = workdir / "destinations.toml"
-        dest_file.write_text(destinations_toml(list_ids))
+        dest_file.write_text(destinations_toml(DESTINATIONS, list_ids))
         topic = env.get("CMSYNC_KAFKA_TOPIC", "segment-membership")
         env.update(
             {
@@ -349,7 +251,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         await create_topics(bootstrap, {topic: PARTITIONS, settings.kafka.dlq_topic: 1}, **kafka)
 
         profiles = max(100, args.events // 4)
-        gen = StreamGenerator(seed=run.seed, profiles=profiles, segments=SEGMENTS)
+        gen = StreamGenerator(seed=run.seed, profiles=profiles, segments=DEMO_SEGMENTS)
         run.records = gen.generate()
         run.split = int(len(run.records) * 0.7)
         _print(
@@ -360,36 +262,23 @@ async def run_demo(args: argparse.Namespace) -> int:
 
         session = await stack.enter_async_context(aiohttp.ClientSession())
         client = CampaignMonitorClient(base_url, ApiKey(api_key), session=session)
-        service = Service(settings)
-        service_task = asyncio.create_task(service.run(), name="service")
+        service = InProcessService(settings)
         try:
             t0 = time.monotonic()
-            ends = await _produce(bootstrap, topic, run.records[: run.split], kafka)
-            await _race(service_task, _wait_synced(service, ends, run.split, "part 1"))
+            ends: dict[int, int] = {}
+            await _produce(bootstrap, topic, run.records[: run.split], kafka, ends)
+            await service.wait_synced(ends, every_s=0.2, progress=_progress_line("part 1"))
             n_unsub = await _self_unsubscribe(
                 client, session, base_url, run, list_ids, random.Random(run.seed)
             )
             _print(f"people      {n_unsub} unsubscribed themselves in Campaign Monitor")
             await asyncio.sleep(settings.consent_refresh_s + 0.5)
-            more = await _produce(bootstrap, topic, run.records[run.split :], kafka)
-            ends = {p: max(ends.get(p, 0), more.get(p, 0)) for p in ends.keys() | more.keys()}
-            await _race(service_task, _wait_synced(service, ends, len(run.records), "part 2"))
+            await _produce(bootstrap, topic, run.records[run.split :], kafka, ends)
+            await service.wait_synced(ends, every_s=0.2, progress=_progress_line("part 2"))
             duration = time.monotonic() - t0
         finally:
-            service.stop()
-            await asyncio.wait_for(service_task, settings.shutdown_budget_s + 5)
+            await service.stop(settings.shutdown_budget_s + 5)
         return await _verify_and_report(run, client, list_ids, settings, duration)
-
-
-async def _race(service_task: asyncio.Task[None], waiting: Any) -> None:
-    """Wait for `waiting`, but fail at once if the service ends first."""
-    waiter = asyncio.ensure_future(waiting)
-    done, _ = await asyncio.wait({service_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if service_task in done:
-        waiter.cancel()
-        service_task.result()  # re-raise its error
-        raise RuntimeError("the service stopped before the stream was synced")
-    waiter.result()
 
 
 async def _verify_and_report(
