@@ -1,0 +1,128 @@
+"""Stage 2: who holds each (list, address), and what the list should show for it.
+
+Invariants (they carry guarantee 2 across profiles, segments and partitions):
+
+* Per (list, address, member) the claim with the highest version is kept; a claim whose version
+  is not higher than the kept one is ignored. So any delivery order, duplicates and replays of
+  one set of claims end in the same state (the claims of a member at one address commute).
+  Releases are kept as records: dropping one would let an older hold, delivered late, bring its
+  member back.
+* The desired state of (list, address) is a function of the holders alone: active iff some
+  member holds it; its fields are those of the holder with the highest ``(version, member)``.
+  Hence one list fed by two segments holds the union, a shared address stays while any member
+  holds it, and an address a member moved away from leaves unless someone else holds it.
+* `apply` returns a `Desired` only when the desired state changed (activity, or the fields
+  while active), with a revision one above the previous: the revisions of one key increase
+  strictly, whatever the event times behind them.
+* What the sync last did is recorded by `record_applied`; `owed` lists the keys whose desired
+  state is not what was applied (to feed the buffer again after a restore).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from consumer.membership.codec import (
+    address_key,
+    decode_address,
+    encode_address,
+    fingerprint,
+    list_prefix,
+    split_key,
+)
+from consumer.membership.model import AddressState, Applied, Claim, Desired, Fields, Holding
+from consumer.membership.store import Store
+
+__all__ = ["AddressTable"]
+
+
+def _wanted(state: AddressState) -> tuple[bool, Fields]:
+    holder = state.newest_holder()
+    return (False, {}) if holder is None else (True, holder.fields)
+
+
+def _owes(state: AddressState) -> bool:
+    active, fields = _wanted(state)
+    if active:
+        return state.applied is not Applied.ACTIVE or state.applied_fingerprint != fingerprint(
+            fields
+        )
+    return state.applied is Applied.ACTIVE
+
+
+class AddressTable:
+    """Stage 2 over one store (one repartition partition's state, in the service)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _load(self, key: bytes) -> AddressState:
+        raw = self._store.get(key)
+        return AddressState() if raw is None else decode_address(raw)
+
+    def apply(self, claim: Claim) -> Desired | None:
+        """Take one claim; the new desired state if it changed, else None."""
+        key = address_key(claim.list_id, claim.address)
+        state = self._load(key)
+        kept = state.holders.get(claim.member)
+        if kept is not None and claim.version <= kept.version:
+            return None  # older than, or the same as, what this member said last
+        before = _wanted(state)
+        state.holders[claim.member] = Holding(
+            claim.version, claim.holds, dict(claim.fields) if claim.holds else {}
+        )
+        after = _wanted(state)
+        changed = after != before
+        if changed:
+            state.revision += 1
+        self._store.put(key, encode_address(state))
+        if not changed:
+            return None
+        return Desired(claim.list_id, claim.address, after[0], after[1], state.revision)
+
+    def state(self, list_id: str, address: str) -> AddressState | None:
+        """The stored state of one (list, address), or None."""
+        raw = self._store.get(address_key(list_id, address))
+        return None if raw is None else decode_address(raw)
+
+    def desired(self, list_id: str, address: str) -> Desired:
+        """The current desired state of one (list, address) (not active if unknown)."""
+        state = self._load(address_key(list_id, address))
+        active, fields = _wanted(state)
+        return Desired(list_id, address, active, fields, state.revision)
+
+    def record_applied(self, desired: Desired, outcome: Applied) -> None:
+        """The sync wrote ``desired`` to its list with ``outcome`` (ACTIVE for an add or an
+        update, REMOVED for its own delete or unsubscribe, KEPT when consent made it leave
+        the address as it was).
+
+        Call in the order the writes completed (the buffer never has two in flight for one
+        address). ``desired`` may be older than the current revision: what matters is what the
+        list now shows, and `owed` then still lists the key.
+        """
+        if outcome is Applied.NOTHING:
+            raise ValueError("record_applied needs what was done, not NOTHING")
+        key = address_key(desired.list_id, desired.address)
+        state = self._load(key)
+        state.applied = outcome
+        state.applied_fingerprint = (
+            fingerprint(desired.fields) if outcome is Applied.ACTIVE else b""
+        )
+        self._store.put(key, encode_address(state))
+
+    def addresses(self, list_id: str) -> Iterator[Desired]:
+        """The desired state of every address of ``list_id`` this store knows, in key order."""
+        for key, raw in self._store.scan(list_prefix(list_id)):
+            state = decode_address(raw)
+            active, fields = _wanted(state)
+            yield Desired(list_id, split_key(key)[1], active, fields, state.revision)
+
+    def owed(self, list_id: str) -> Iterator[Desired]:
+        """The desired states of ``list_id`` that differ from what the sync last applied."""
+        for key, raw in self._store.scan(list_prefix(list_id)):
+            state = decode_address(raw)
+            if _owes(state):
+                active, fields = _wanted(state)
+                yield Desired(list_id, split_key(key)[1], active, fields, state.revision)

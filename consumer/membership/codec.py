@@ -1,0 +1,199 @@
+"""States, claims and keys as bytes: for the embedded store, the changelogs and the repartition
+topic.
+
+Keys sort by their first part, so one segment's members (one list's addresses) are one prefix
+scan: a 2-byte big-endian length, the first part in UTF-8, then the second part in UTF-8 (a
+length prefix, not a separator: ids may contain any character).
+
+Values are a format version byte (`FORMAT_VERSION`) followed by a MessagePack array. A reader
+refuses a version byte it does not know (`StateFormatError`) rather than guess: state written
+by a newer release must not be misread by an older one during a rolling upgrade. Field maps are
+encoded with sorted keys, so equal fields give equal bytes and `fingerprint` is stable across
+processes and releases (it is not Python's salted ``hash``).
+
+`encode_address` returns None when a state holds nothing worth keeping: the caller deletes the
+key and writes a tombstone to the changelog. Under the rules of this package that only happens
+to a state that was never written (releases and what was applied are kept; see the tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+import msgspec
+
+from consumer.membership.model import (
+    AddressState,
+    Applied,
+    Claim,
+    Fields,
+    Holding,
+    Member,
+    MemberState,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "StateFormatError",
+    "address_key",
+    "decode_address",
+    "decode_claim",
+    "decode_member",
+    "encode_address",
+    "encode_claim",
+    "encode_member",
+    "fingerprint",
+    "list_prefix",
+    "member_key",
+    "segment_prefix",
+    "split_key",
+]
+
+FORMAT_VERSION: Final = 1
+_HEADER: Final = bytes([FORMAT_VERSION])
+_MAX_PART: Final = 0xFFFF
+
+_pack = msgspec.msgpack.Encoder(order="sorted").encode
+_unpack = msgspec.msgpack.Decoder().decode
+# What a damaged or foreign value raises while being unpacked and taken apart.
+_MALFORMED = (msgspec.DecodeError, ValueError, TypeError, IndexError, KeyError)
+
+
+class StateFormatError(ValueError):
+    """Bytes this release cannot read: damaged, or written in an unknown format version.
+
+    Fatal for the partition being restored: skipping the record would silently lose state.
+    The message names the format, never the content.
+    """
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def _prefix(first: str) -> bytes:
+    raw = first.encode()
+    if len(raw) > _MAX_PART:
+        raise ValueError(f"a key part is limited to {_MAX_PART} bytes, got {len(raw)}")
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def segment_prefix(segment_id: str) -> bytes:
+    """The prefix of every `member_key` of one segment."""
+    return _prefix(segment_id)
+
+
+def member_key(segment_id: str, profile_id: str) -> bytes:
+    """Stage 1's key of one (segment, profile)."""
+    return _prefix(segment_id) + profile_id.encode()
+
+
+def list_prefix(list_id: str) -> bytes:
+    """The prefix of every `address_key` of one list."""
+    return _prefix(list_id)
+
+
+def address_key(list_id: str, address: str) -> bytes:
+    """Stage 2's key of one (list, address); also the repartition topic's record key."""
+    return _prefix(list_id) + address.encode()
+
+
+def split_key(key: bytes) -> tuple[str, str]:
+    """The two parts of a `member_key` or `address_key`."""
+    try:
+        size = int.from_bytes(key[:2], "big")
+        if len(key) < 2 + size:
+            raise ValueError("key shorter than its prefix says")
+        return key[2 : 2 + size].decode(), key[2 + size :].decode()
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise StateFormatError("malformed state key") from exc
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+def fingerprint(fields: Fields) -> bytes:
+    """8 bytes that change when ``fields`` do (BLAKE2b of their canonical encoding)."""
+    return hashlib.blake2b(_pack(fields), digest_size=8).digest()
+
+
+def _body(raw: bytes, what: str) -> Any:
+    """The unpacked MessagePack after the version byte (Any: its shape is checked by the
+    caller, which takes it apart inside ``_MALFORMED``)."""
+    if raw[:1] != _HEADER:
+        found = raw[0] if raw else "none"
+        raise StateFormatError(f"{what}: unknown format version {found} (expected 1)")
+    return _unpack(raw[1:])
+
+
+def encode_member(state: MemberState) -> bytes:
+    """Stage 1's value: ``[in, occurred_at_ms, offset, address | nil, fields | nil]``."""
+    occurred_at_ms, offset = state.version
+    return _HEADER + _pack(
+        [state.in_segment, occurred_at_ms, offset, state.address, state.fields or None]
+    )
+
+
+def decode_member(raw: bytes) -> MemberState:
+    try:
+        in_segment, occurred_at_ms, offset, address, fields = _body(raw, "member state")
+        return MemberState(bool(in_segment), (occurred_at_ms, offset), address, fields or {})
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError("member state: malformed value") from exc
+
+
+def _holding_row(member: Member, holding: Holding) -> list[object]:
+    occurred_at_ms, offset = holding.version
+    return [*member, occurred_at_ms, offset, holding.holds, holding.fields or None]
+
+
+def encode_address(state: AddressState) -> bytes | None:
+    """Stage 2's value, or None (a tombstone) when the state holds nothing:
+    ``[revision, applied, applied_fingerprint, [[segment, profile, occurred_at_ms, offset,
+    holds, fields | nil], …]]`` with the members sorted (equal states, equal bytes)."""
+    if not state.holders and state.applied is Applied.NOTHING and not state.revision:
+        return None
+    rows = [_holding_row(member, state.holders[member]) for member in sorted(state.holders)]
+    return _HEADER + _pack([state.revision, int(state.applied), state.applied_fingerprint, rows])
+
+
+def decode_address(raw: bytes) -> AddressState:
+    try:
+        revision, applied, applied_fingerprint, rows = _body(raw, "address state")
+        holders = {
+            (segment, profile): Holding((occurred_at_ms, offset), bool(holds), fields or {})
+            for segment, profile, occurred_at_ms, offset, holds, fields in rows
+        }
+        return AddressState(holders, revision, Applied(applied), applied_fingerprint)
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError("address state: malformed value") from exc
+
+
+def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
+    """The repartition record of a claim: (`address_key`, value)."""
+    holding = Holding(claim.version, claim.holds, claim.fields)
+    return address_key(claim.list_id, claim.address), _HEADER + _pack(
+        _holding_row(claim.member, holding)
+    )
+
+
+def decode_claim(key: bytes, value: bytes) -> Claim:
+    list_id, address = split_key(key)
+    try:
+        segment, profile, occurred_at_ms, offset, holds, fields = _body(value, "claim")
+        return Claim(
+            list_id,
+            address,
+            (segment, profile),
+            (occurred_at_ms, offset),
+            bool(holds),
+            fields or {},
+        )
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError("claim: malformed value") from exc

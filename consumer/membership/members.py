@@ -1,0 +1,116 @@
+"""Stage 1: the deciding change of every (segment, profile), and the claims it makes.
+
+Invariants (they carry guarantee 2 for one member):
+
+* The stored state of a (segment, profile) is its change with the highest version
+  ``(occurred_at_ms, offset)`` seen so far. A change whose version is not higher is ignored
+  (``Verdict.accepted`` False, nothing stored, nothing emitted): late events, and records read
+  again after a restart or a rebalance. Because the state is durable (store + changelog), this
+  holds across restarts.
+* Claims are emitted with the version of the change that made them, and only for accepted
+  changes, so the claims of one member carry strictly increasing versions in the order stage 1
+  makes them. Stage 2 does not rely on that order (replays break it), only on the versions.
+* On every accepted change, for every list the segment feeds:
+  - if the member was in with address ``a`` and is now out, or in with another address: a
+    release of ``a``;
+  - if the member is now in: a hold of its address with its fields, even when nothing but the
+    version changed. Stage 2 then knows each holder at its deciding version, which is what
+    makes "the newest holder's fields" mean the same thing whatever order claims arrive in.
+* Members of every segment are kept, fed to a list or not: `backfill` makes the holds that fill
+  a list added later.
+
+The segment → lists mapping (``lists_of``) is configuration: a table serves one mapping. When
+the mapping changes, the caller makes a new table over the same store and backfills the lists a
+segment gained; a list a segment lost is simply written no more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+from consumer.membership.codec import (
+    decode_member,
+    encode_member,
+    member_key,
+    segment_prefix,
+    split_key,
+)
+from consumer.membership.model import Claim, MemberState, ProfileChange, Verdict
+from consumer.membership.normalise import normalise_address
+from consumer.membership.store import Store
+
+__all__ = ["MemberTable"]
+
+
+class MemberTable:
+    """Stage 1 over one store (one input partition's state, in the service)."""
+
+    __slots__ = ("_lists_of", "_store")
+
+    def __init__(self, store: Store, lists_of: Mapping[str, Sequence[str]]) -> None:
+        self._store = store
+        # dict.fromkeys: a list named twice for one segment is still one list.
+        self._lists_of = {
+            segment: tuple(dict.fromkeys(lists)) for segment, lists in lists_of.items()
+        }
+
+    def apply(self, change: ProfileChange) -> Verdict:
+        """Decide ``change`` against the stored state; store it and return its claims if newer.
+
+        Raises ``ValueError`` for an entry without an address (the caller dead-letters it
+        before; an entry the state cannot place would otherwise be lost silently).
+        """
+        key = member_key(change.segment_id, change.profile_id)
+        raw = self._store.get(key)
+        old = None if raw is None else decode_member(raw)
+        version = change.version
+        if old is not None and version <= old.version:
+            return Verdict(False, [])
+        if change.entered:
+            if not change.address:
+                raise ValueError("an entered change needs an address")
+            new = MemberState(True, version, normalise_address(change.address), dict(change.fields))
+        else:
+            new = MemberState(False, version)
+        self._store.put(key, encode_member(new))
+        return Verdict(True, self._claims(change.segment_id, change.profile_id, old, new))
+
+    def _claims(
+        self, segment_id: str, profile_id: str, old: MemberState | None, new: MemberState
+    ) -> list[Claim]:
+        lists = self._lists_of.get(segment_id, ())
+        member = (segment_id, profile_id)
+        claims: list[Claim] = []
+        held = old.address if old is not None and old.in_segment else None
+        if held is not None and held != new.address:
+            claims.extend(Claim(list_id, held, member, new.version, False) for list_id in lists)
+        if new.address is not None:
+            claims.extend(
+                Claim(list_id, new.address, member, new.version, True, new.fields)
+                for list_id in lists
+            )
+        return claims
+
+    def member(self, segment_id: str, profile_id: str) -> MemberState | None:
+        """The stored state of one (segment, profile), or None if no change was accepted."""
+        raw = self._store.get(member_key(segment_id, profile_id))
+        return None if raw is None else decode_member(raw)
+
+    def members(self, segment_id: str) -> Iterator[tuple[str, MemberState]]:
+        """``(profile_id, state)`` of every profile currently in ``segment_id``, in key order."""
+        for key, raw in self._store.scan(segment_prefix(segment_id)):
+            state = decode_member(raw)
+            if state.in_segment:
+                yield split_key(key)[1], state
+
+    def backfill(self, segment_id: str, list_id: str) -> Iterator[Claim]:
+        """The holds that fill ``list_id`` with ``segment_id``'s current members.
+
+        Idempotent with the claims stage 1 makes meanwhile: each carries its member's deciding
+        version, so stage 2 keeps the newest per member whatever the order.
+        """
+        for profile_id, state in self.members(segment_id):
+            assert state.address is not None  # in_segment implies an address
+            yield Claim(
+                list_id, state.address, (segment_id, profile_id), state.version, True, state.fields
+            )

@@ -1,0 +1,168 @@
+"""The values the two stages keep and exchange (plain data; the rules live in the tables).
+
+Personal data (addresses, profile fields) is kept out of every ``repr``: these objects may reach
+a log line through an exception or a debugger.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+__all__ = [
+    "AddressState",
+    "Applied",
+    "Claim",
+    "Desired",
+    "FieldValue",
+    "Fields",
+    "Holding",
+    "Member",
+    "MemberState",
+    "ProfileChange",
+    "Verdict",
+    "Version",
+]
+
+#: What decides between two changes of one (segment, profile): ``(occurred_at_ms, offset)``.
+#: The later event time wins; on a tie the later offset (a profile's changes share one input
+#: partition, keyed by profile, so its offsets are comparable).
+Version = tuple[int, int]
+#: Who holds an address: ``(segment_id, profile_id)``. One profile in two segments feeding one
+#: list is two members, so leaving one segment keeps the address while it is in the other.
+Member = tuple[str, str]
+#: A profile field's value, as the event schema allows it (see ``consumer.events.ProfileValue``).
+FieldValue = str | int | float | bool | None | list[str]
+#: The profile fields a list is written with (profile field name → value). The caller decides
+#: which fields those are (the ones the segment's destinations map); the state only keeps them.
+Fields = dict[str, FieldValue]
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileChange:
+    """One decoded input event, as stage 1 takes it.
+
+    ``address`` is required when ``entered`` (the caller dead-letters an entry without a usable
+    address); stage 1 normalises it. On an exit it is not used: the member releases the address
+    it held, whatever the exit says.
+    """
+
+    segment_id: str
+    profile_id: str
+    entered: bool
+    occurred_at_ms: int
+    offset: int
+    address: str | None = field(default=None, repr=False)
+    fields: Fields = field(default_factory=dict, repr=False)
+
+    @property
+    def version(self) -> Version:
+        return (self.occurred_at_ms, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    """Stage 1's state of one (segment, profile): its deciding change.
+
+    ``address`` is None and ``fields`` empty exactly when the profile is out. An out state is
+    kept (not deleted): it is what makes a late entry older than the exit be ignored.
+    """
+
+    in_segment: bool
+    version: Version
+    address: str | None = field(default=None, repr=False)
+    fields: Fields = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Stage 1 → stage 2, keyed by (list_id, address): ``member`` holds the address (with
+    ``fields``) or releases it, as of ``version`` (the member's deciding change).
+
+    Per (list, address, member) the claim with the highest version is the truth; claims may be
+    delivered in any order and any number of times.
+    """
+
+    list_id: str
+    address: str = field(repr=False)
+    member: Member
+    version: Version
+    holds: bool
+    fields: Fields = field(default_factory=dict, repr=False)
+
+
+class Verdict(NamedTuple):
+    """What stage 1 made of a change: ``accepted`` False means it was not newer than the
+    deciding change (late, or read again) and changed nothing; ``claims`` go to stage 2."""
+
+    accepted: bool
+    claims: list[Claim]
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """Stage 2's record of one member at one (list, address): its latest claim."""
+
+    version: Version
+    holds: bool
+    fields: Fields = field(default_factory=dict, repr=False)
+
+
+class Applied(enum.IntEnum):
+    """What the sync last did to an address in its list (the flusher reports it)."""
+
+    NOTHING = 0  # never written by the sync
+    ACTIVE = 1  # added or updated, with the fields whose fingerprint is kept
+    REMOVED = 2  # deleted or unsubscribed by the sync ("the sync's own removals", issue 13)
+    KEPT = 3  # not active was wanted, and the sync left it (consent protects it)
+
+
+@dataclass(slots=True)
+class AddressState:
+    """Stage 2's state of one (list, address).
+
+    ``holders``: every member's latest claim, releases included (a release must outlive the
+    hold it beats, or a hold delivered late would bring the member back). ``revision`` grows by
+    one each time the desired state changes. ``applied``/``applied_fingerprint``: what the sync
+    last did (the fingerprint of the fields written, when ACTIVE).
+    """
+
+    holders: dict[Member, Holding] = field(default_factory=dict, repr=False)
+    revision: int = 0
+    applied: Applied = Applied.NOTHING
+    applied_fingerprint: bytes = b""
+
+    def newest_holder(self) -> Holding | None:
+        """The holding member with the highest ``(version, member)``, or None if nobody holds.
+
+        Its fields are the ones written: the most recent word on the person. The member breaks
+        ties so that the choice does not depend on the order claims arrived in.
+        """
+        best: tuple[Version, Member] | None = None
+        chosen: Holding | None = None
+        for member, holding in self.holders.items():
+            if holding.holds and (best is None or (holding.version, member) > best):
+                best, chosen = (holding.version, member), holding
+        return chosen
+
+    @property
+    def removed_by_sync(self) -> bool:
+        """The sync's own last write took the address out of the list."""
+        return self.applied is Applied.REMOVED
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What a list should hold for one address: active with ``fields``, or not active.
+
+    ``revision`` increases strictly per (list, address) with every change of the desired state,
+    so the newest desired state is the one with the highest revision, whatever the event times
+    of the claims behind it (a late claim may legitimately change it).
+    """
+
+    list_id: str
+    address: str = field(repr=False)
+    active: bool
+    fields: Fields = field(repr=False)
+    revision: int
