@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, Protocol
 
 from consumer.campaign_monitor.client import MemberState
+from consumer.membership.normalise import normalise_address
 from consumer.settings import Destination
 
 __all__ = ["Consent", "MemberListing"]
@@ -76,5 +77,5 @@ class Consent:
         dest = self.destination
         for state in PROTECTED_STATES:
             async for member in self._listing.members(dest.list_id, state, destination=dest.name):
-                found.add(str(member["EmailAddress"]).strip().lower())
+                found.add(normalise_address(str(member["EmailAddress"])))
         return frozenset(found)

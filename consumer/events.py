@@ -40,6 +40,8 @@ import jsonschema_rs
 import msgspec
 import orjson
 
+from consumer.membership.normalise import normalise_address
+
 __all__ = [
     "MAX_EVENT_BYTES",
     "SCHEMA_FILE_NAME",
@@ -470,7 +472,8 @@ _SIMPLE_EMAIL: Final = re.compile(
 
 
 def parse_email(value: object) -> str | None:
-    """The normalised address (stripped, lower-cased), or None if it is not a plausible one.
+    """The normalised address (`normalise_address`: trimmed, ASCII letters lower-cased), or None
+    if it is not a plausible one.
 
     Pragmatic, not RFC 5322: Campaign Monitor is the final judge (it rejects a row it does not
     accept, and that row is dead-lettered); this only keeps obvious garbage out of API calls.
@@ -481,12 +484,16 @@ def parse_email(value: object) -> str | None:
     with dots in odd places (``a..b``) and internationalised domains are let through.
     """
     if value.__class__ is str:  # the fast path (a str subclass takes the general one)
-        address = value.strip().lower()
-        if len(address) <= 254 and _SIMPLE_EMAIL(address) is not None:
-            return address
+        address = value.strip()
+        # ASCII only: str.lower() folds some other letters into ASCII (U+212A KELVIN SIGN into
+        # "k"), which would make another person's address of this one.
+        if address.isascii():
+            address = address.lower()
+            if len(address) <= 254 and _SIMPLE_EMAIL(address) is not None:
+                return address
     if not isinstance(value, str):
         return None
-    address = value.strip().lower()
+    address = normalise_address(value)
     try:
         encoded = address.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: could not even be sent as JSON

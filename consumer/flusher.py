@@ -40,6 +40,7 @@ from consumer.campaign_monitor.client import (
 )
 from consumer.deadletter import DeadLetter
 from consumer.gateway import RemovalMode
+from consumer.membership.normalise import normalise_address
 from consumer.rows import key_of, row_of, value_of
 from consumer.settings import Destination
 from consumer.tuning import (
@@ -270,7 +271,7 @@ class DestinationFlusher:
             return 0, len(bad) + len(undecodable)
         failed: dict[int, list[Entry]] = {}
         for failure in result.failures:
-            rejected_entry = by_email.pop(failure.email.strip().lower(), None)
+            rejected_entry = by_email.pop(normalise_address(failure.email), None)
             if rejected_entry is not None:
                 failed.setdefault(failure.code, []).append(rejected_entry)
         for code, bad in failed.items():

@@ -488,7 +488,11 @@ LONGEST = "a" * 64 + "@" + "b" * 63 + "." + "b" * 63 + "." + "b" * 61  # 254 byt
         ("a@b.c", "a@b.c"),
         ("x-1_2@sub-domain.example.com", "x-1_2@sub-domain.example.com"),
         ("zoë@exämple.de", "zoë@exämple.de"),
-        ("ÄDA@EXAMPLE.COM", "äda@example.com"),
+        # Only ASCII letters are lower-cased (contract, guarantee 2): str.lower() would fold
+        # U+212A KELVIN SIGN into "k" and so make another person's address of this one.
+        ("ÄDA@EXAMPLE.COM", "Äda@example.com"),
+        ("\u212aATE@Example.com", "\u212aate@example.com"),
+        ("  \u0130DA@EXAMPLE.COM", "\u0130da@example.com"),
         ("a" * 64 + "@example.com", "a" * 64 + "@example.com"),
         ("a@" + "b" * 63 + ".com", "a@" + "b" * 63 + ".com"),
         (LONGEST, LONGEST),
