@@ -37,8 +37,8 @@ from consumer.campaign_monitor.client import (
     RequestInvalid,
     SubscriberRow,
     TransientError,
-    _classify,
 )
+from consumer.campaign_monitor.errors import classify
 from consumer.devtools.simulator import (
     AddressThrottle,
     FaultConfig,
@@ -195,7 +195,7 @@ def test_credentials_make_the_auth_headers_and_mask_the_secret() -> None:
 def test_errors_are_classified_by_status_and_code(
     status: int, code: int | None, expected: type[CampaignMonitorError]
 ) -> None:
-    exc = _classify("add", status, code, "whatever", None, KEY)
+    exc = classify("add", status, code, "whatever", None, KEY)
     assert type(exc) is expected
     assert (exc.status, exc.code, exc.endpoint) == (status, code, "add")
 
@@ -205,7 +205,7 @@ def test_unknown_code_message_is_included_only_redacted() -> None:
         f"Custom thing failed for {EMAIL} (<{EMAIL.upper()}>) using key {KEY};"
         " value 'Ada Lovelace' of \"Full Name\" invalid"
     )
-    exc = _classify("add", 400, 999, message, None, KEY)
+    exc = classify("add", 400, 999, message, None, KEY)
     assert isinstance(exc, RequestInvalid)
     assert "Custom thing failed for" in str(exc)
     assert "invalid" in str(exc)
@@ -840,7 +840,7 @@ async def test_owned_session_is_closed(sim: Simulator, list_id: str) -> None:
     async with serve(sim) as base_url:
         client = CampaignMonitorClient(base_url, ApiKey(KEY))
         await client.list_details(list_id)
-        session = client._get_session()
+        session = client._transport.session()
         await client.close()
         assert session.closed
         await client.close()  # idempotent
