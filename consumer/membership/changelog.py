@@ -1,0 +1,244 @@
+"""The membership state's Kafka side: internal topic names, their creation, changelog writes and
+restore.
+
+Topics (contract: named from the group id, ``<group>.<name>``, with the input topic's partition
+count):
+
+* ``<group>.members-changelog`` (compacted): stage 1's state, partition p for input partition p;
+* ``<group>.claims`` (the repartition topic, deleted by time like the input): stage 1's claims,
+  keyed by (list, address), so every address has one owner in stage 2;
+* ``<group>.addresses-changelog`` (compacted): stage 2's state, partition q for claims
+  partition q.
+
+A changelog record's key is the state key and its value the encoded state, or None (a
+tombstone) for a deleted key. `write` sends a checkpoint's items and returns the offset of the
+last one once the broker acknowledged all of them; only then does the owner write the
+checkpoint to disk (`PartitionStore.checkpoint`). `restore` brings a store up to the end of its
+changelog partition: from the offset of its last checkpoint, or from the start for an empty
+state directory; a store whose checkpoint is past the end of its changelog belongs to another
+topic (deleted and re-created) and is rebuilt from scratch.
+
+The bundled broker answers ListOffsets wrongly, so the end of a partition is read from fetch
+responses (the high watermark), never from ``end_offsets``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from consumer.membership.durable import PartitionStore
+
+__all__ = [
+    "InternalTopics",
+    "TopicLayoutError",
+    "checkpoint",
+    "ensure_internal_topics",
+    "restore",
+    "write",
+]
+
+#: Records read per fetch while restoring.
+RESTORE_BATCH: Final = 10_000
+#: How long one restore fetch waits for records before it looks at the high watermark again.
+RESTORE_FETCH_MS: Final = 500
+
+COMPACTED: Final = {"cleanup.policy": "compact"}
+
+
+class TopicLayoutError(RuntimeError):
+    """An internal topic exists with another partition count than the input topic's, is
+    missing while the service may not create it, or the input topic does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class InternalTopics:
+    members_changelog: str
+    claims: str
+    addresses_changelog: str
+
+    @classmethod
+    def of_group(cls, group_id: str) -> InternalTopics:
+        return cls(
+            f"{group_id}.members-changelog",
+            f"{group_id}.claims",
+            f"{group_id}.addresses-changelog",
+        )
+
+    def configs(self) -> dict[str, dict[str, str]]:
+        """Each topic's configuration when the service creates it."""
+        return {
+            self.members_changelog: COMPACTED,
+            self.claims: {},
+            self.addresses_changelog: COMPACTED,
+        }
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> dict[str, int]:
+    """Partition count of each existing topic among ``topics``."""
+    existing = set(await admin.list_topics())
+    wanted = [t for t in topics if t in existing]
+    if not wanted:
+        return {}
+    described: list[dict[str, Any]] = await admin.describe_topics(wanted)
+    return {d["topic"]: len(d["partitions"]) for d in described if d.get("partitions")}
+
+
+async def ensure_internal_topics(
+    bootstrap: str,
+    input_topic: str,
+    topics: InternalTopics,
+    *,
+    create: bool = True,
+    replication_factor: int = -1,
+    **client_kwargs: object,
+) -> int:
+    """Check (and, with ``create``, create what is missing of) the internal topics; returns the
+    partition count they share with ``input_topic``. ``replication_factor`` -1 takes the
+    broker's default. Raises `TopicLayoutError` with what to do."""
+    names = list(topics.configs())
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
+    await admin.start()
+    try:
+        counts = await _partition_counts(admin, [input_topic, *names])
+        if input_topic not in counts:
+            raise TopicLayoutError(f"the input topic {input_topic} does not exist")
+        partitions = counts[input_topic]
+        wrong = [f"{n} has {counts[n]}" for n in names if n in counts and counts[n] != partitions]
+        if wrong:
+            raise TopicLayoutError(
+                f"internal topics must have the input topic's partition count ({input_topic}"
+                f" has {partitions}): {', '.join(wrong)}; delete them to have them re-created"
+                " (the state is rebuilt from the input) or give them that count"
+            )
+        missing = [n for n in names if n not in counts]
+        if missing and not create:
+            raise TopicLayoutError(
+                f"internal topics missing: {', '.join(missing)}; create them with {partitions}"
+                " partitions (changelogs compacted), or let the service create them"
+            )
+        if missing:
+            configs = topics.configs()
+            # An empty replica assignment is how aiokafka lets a replication factor of -1 (the
+            # broker's default.replication.factor, KIP-464) through its argument check.
+            new = [
+                NewTopic(
+                    n,
+                    partitions,
+                    replication_factor,
+                    replica_assignments={} if replication_factor == -1 else None,
+                    topic_configs=configs[n],
+                )
+                for n in missing
+            ]
+            # Another replica may have created them first: the counts are checked again below.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(new)
+            counts = await _partition_counts(admin, names)
+            wrong = [n for n in names if counts.get(n) != partitions]
+            if wrong:
+                raise TopicLayoutError(
+                    f"internal topics not created with {partitions} partitions: {', '.join(wrong)}"
+                )
+        return partitions
+    finally:
+        await admin.close()
+
+
+async def write(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    items: Sequence[tuple[bytes, bytes | None]],
+) -> int | None:
+    """Send a checkpoint's items to ``partition`` of the changelog ``topic``, in order; the
+    offset of the last once all are acknowledged (None for no items). Raises what the
+    producer raises: then nothing may be checkpointed (`PartitionStore.discard`)."""
+    if not items:
+        return None
+    sent = [await producer.send(topic, value, key=key, partition=partition) for key, value in items]
+    acknowledged = await asyncio.gather(*sent)
+    return int(acknowledged[-1].offset)
+
+
+async def checkpoint(
+    producer: AIOKafkaProducer, topic: str, partition: int, store: PartitionStore
+) -> None:
+    """Make ``store``'s pending checkpoint durable: changelog first (acknowledged), then the
+    disk. On an exception the pending checkpoint is dropped (the disk keeps the last one) and
+    the exception propagates: the caller reads its input again from the committed offset."""
+    try:
+        offset = await write(producer, topic, partition, store.pending())
+    except BaseException:
+        store.discard()
+        raise
+    if offset is not None:
+        store.checkpoint(offset)
+
+
+async def restore(
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    partition: int,
+    path: Path,
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> PartitionStore:
+    """Open the store at ``path`` and bring it up to the end of its changelog partition.
+
+    ``consumer`` is one without a group (the caller's restore consumer); it is assigned the
+    partition for the time of the restore. ``progress(restored, remaining)`` is called after
+    each batch (remaining None while the end is not known yet).
+    """
+    tp = TopicPartition(topic, partition)
+    store = PartitionStore(path)
+    try:
+        consumer.assign([tp])
+        start = store.changelog_offset
+        if start is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, start + 1)
+        checked = start is None
+        restored = 0
+        while True:
+            batches = await consumer.getmany(
+                tp, timeout_ms=RESTORE_FETCH_MS, max_records=RESTORE_BATCH
+            )
+            records = batches.get(tp, [])
+            if records:
+                store.apply_changelog([(r.key, r.value) for r in records], records[-1].offset)
+                restored += len(records)
+            end = consumer.highwater(tp)
+            if end is None:  # no fetch response yet
+                if progress:
+                    progress(restored, None)
+                continue
+            if not checked:
+                checked = True
+                if start is not None and start >= end:
+                    # The checkpoint covers records the changelog does not have: the state was
+                    # written to another (deleted and re-created) topic. Rebuild it.
+                    store.close()
+                    PartitionStore.wipe(path)
+                    store = PartitionStore(path)
+                    await consumer.seek_to_beginning(tp)
+                    continue
+            position = await consumer.position(tp)
+            if progress:
+                progress(restored, max(0, end - position))
+            if position >= end:
+                return store
+    except BaseException:
+        store.close()
+        raise
+    finally:
+        consumer.unsubscribe()

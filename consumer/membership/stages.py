@@ -1,0 +1,145 @@
+"""The two stages of one partition each, durable: state in a `PartitionStore`, checkpoints
+through the changelog.
+
+Stage 1 (`StageOne`, per input partition): changes in, claims out. It wraps a `MemberTable`
+over the partition's `PartitionStore`. `apply` decides each change (in memory: the pending
+checkpoint) and collects the claims it makes; `checkpoint` makes all of it durable, in the only
+order that loses nothing:
+
+  1. send the claims to the claims (repartition) topic, keyed by (list, address), and wait
+     until the broker acknowledged every one;
+  2. then send the state's pending writes to the members changelog (partition = the input
+     partition) and wait for those acknowledgements;
+  3. then write the checkpoint to disk with the changelog offset it reached.
+
+Only after `checkpoint` returns may the input offsets of the applied changes be committed.
+
+Why this order: a crash before 2 is acknowledged leaves the changelog without the new states, so
+the changes, read again from the input, are decided again and make the same claims again (with
+the same versions: stage 2 takes a claim it already has as a no-op). A crash after 2 leaves
+states whose claims are already acknowledged (1 came first), so the changes, read again, are
+rightly ignored as not newer. Sending 1 and 2 together would allow the one outcome that loses a
+change: a state in the changelog whose claims never reached the broker.
+
+The claims are keyed by their codec key and partitioned by the producer's default partitioner
+(murmur2 of the key, as the Java client does), so every (list, address) has one claims
+partition and so one owner in stage 2, whichever process or client wrote it.
+
+Stage 2 (`StageTwo`, per claims partition): claims in, desired states out, and what the sync
+applied recorded. Its checkpoint is the changelog, then the disk. After it, the claims offsets
+it covers may be committed even if the desired states are not applied yet: the state records
+what is owed (`owed`), and an owner that restores the partition feeds the owed states to the
+buffer again before reading new claims. So a crash between a checkpoint and the writes to
+Campaign Monitor loses nothing, and one before the checkpoint reads the claims again, which
+the restored table takes as it took them the first time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+from aiokafka import AIOKafkaProducer
+
+from consumer.membership import changelog
+from consumer.membership.addresses import AddressTable
+from consumer.membership.codec import encode_claim
+from consumer.membership.durable import PartitionStore
+from consumer.membership.members import MemberTable
+from consumer.membership.model import Applied, Claim, Desired, ProfileChange, Verdict
+
+__all__ = ["StageOne", "StageTwo"]
+
+
+class StageOne:
+    """Stage 1 of input ``partition``: its table, its store, and its checkpoints."""
+
+    def __init__(
+        self,
+        partition: int,
+        store: PartitionStore,
+        lists_of: Mapping[str, Sequence[str]],
+        producer: AIOKafkaProducer,
+        claims_topic: str,
+        changelog_topic: str,
+    ) -> None:
+        self.partition = partition
+        self.store = store
+        self.table = MemberTable(store, lists_of)
+        self._producer = producer
+        self._claims_topic = claims_topic
+        self._changelog_topic = changelog_topic
+        self._claims: list[Claim] = []
+
+    @property
+    def pending_claims(self) -> int:
+        return len(self._claims)
+
+    def apply(self, change: ProfileChange) -> Verdict:
+        """Decide one change; its claims wait for the next checkpoint."""
+        verdict = self.table.apply(change)
+        self._claims += verdict.claims
+        return verdict
+
+    def backfill(self, segment_id: str, list_id: str) -> int:
+        """Queue the holds that fill ``list_id`` with ``segment_id``'s current members of this
+        partition (a destination added later); returns how many."""
+        before = len(self._claims)
+        self._claims += self.table.backfill(segment_id, list_id)
+        return len(self._claims) - before
+
+    async def checkpoint(self) -> None:
+        """Claims acknowledged, then the changelog acknowledged, then the disk (see the module
+        docstring). On an exception nothing is checkpointed and the pending work is dropped:
+        the caller must read the input again from its committed offset (or give the partition
+        up), which decides the same changes again."""
+        claims, self._claims = self._claims, []
+        try:
+            sent = []
+            for claim in claims:
+                key, value = encode_claim(claim)
+                sent.append(await self._producer.send(self._claims_topic, value, key=key))
+            for future in sent:
+                await future
+        except BaseException:
+            self.store.discard()
+            raise
+        await changelog.checkpoint(
+            self._producer, self._changelog_topic, self.partition, self.store
+        )
+
+
+class StageTwo:
+    """Stage 2 of claims ``partition``: its table, its store, and its checkpoints."""
+
+    def __init__(
+        self,
+        partition: int,
+        store: PartitionStore,
+        producer: AIOKafkaProducer,
+        changelog_topic: str,
+    ) -> None:
+        self.partition = partition
+        self.store = store
+        self.table = AddressTable(store)
+        self._producer = producer
+        self._changelog_topic = changelog_topic
+
+    def apply(self, claim: Claim) -> Desired | None:
+        """Take one claim; the new desired state of its (list, address) if it changed."""
+        return self.table.apply(claim)
+
+    def record_applied(self, desired: Desired, outcome: Applied) -> None:
+        """What the sync wrote for ``desired`` (see `AddressTable.record_applied`)."""
+        self.table.record_applied(desired, outcome)
+
+    def owed(self, list_ids: Iterable[str]) -> Iterator[Desired]:
+        """The desired states of these lists that were not applied yet (after a restore)."""
+        for list_id in list_ids:
+            yield from self.table.owed(list_id)
+
+    async def checkpoint(self) -> None:
+        """Changelog acknowledged, then the disk; on an exception nothing is checkpointed and
+        the claims are read again from their committed offset."""
+        await changelog.checkpoint(
+            self._producer, self._changelog_topic, self.partition, self.store
+        )
