@@ -7,9 +7,11 @@ another one; every test uses its own topics and consumer group, so they do not i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import settings
 
 from consumer.devtools.embedded_broker import EmbeddedBroker
@@ -40,3 +42,21 @@ def kafka_bootstrap(broker: EmbeddedBroker | None) -> str:
         return external
     assert broker is not None
     return broker.bootstrap
+
+
+@pytest_asyncio.fixture
+async def kafka_producer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A started producer that waits for every replica (acks=all)."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    yield producer
+    await producer.stop()
+
+
+@pytest_asyncio.fixture
+async def restore_consumer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer without a group, as the state restore uses one."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    yield consumer
+    await consumer.stop()

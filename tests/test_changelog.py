@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.devtools.embedded_broker import create_topics
@@ -55,15 +54,11 @@ class Kit:
         return await restore(self.restorer, topic, partition, path, progress=progress)
 
 
-@pytest_asyncio.fixture
-async def kit(kafka_bootstrap: str) -> AsyncIterator[Kit]:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    restorer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
-    await producer.start()
-    await restorer.start()
-    yield Kit(kafka_bootstrap, producer, restorer)
-    await restorer.stop()
-    await producer.stop()
+@pytest.fixture
+def kit(
+    kafka_bootstrap: str, kafka_producer: AIOKafkaProducer, restore_consumer: AIOKafkaConsumer
+) -> Kit:
+    return Kit(kafka_bootstrap, kafka_producer, restore_consumer)
 
 
 async def test_internal_topics_are_created_with_the_input_partition_count(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -76,17 +77,10 @@ class Pipeline:
         )
         return self.members.apply(change)
 
-    def change(
-        self,
-        segment: str,
-        profile: str,
-        entered: bool,
-        at: int,
-        address: str | None = None,
-        fields: Fields | None = None,
-    ) -> list[Desired]:
-        """Apply one input change through both stages; the desired states it produced."""
-        return self.deliver(self.claims(segment, profile, entered, at, address, fields).claims)
+    def change(self, *args: Any) -> list[Desired]:
+        """Apply one input change (the arguments of `claims`) through both stages; the desired
+        states it produced."""
+        return self.deliver(self.claims(*args).claims)
 
     def deliver(self, claims: list[Claim]) -> list[Desired]:
         out = [self.addresses.apply(claim) for claim in claims]

@@ -4,7 +4,6 @@ what a crash at each step leaves."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from consumer.membership import Applied, Claim, Desired, ProfileChange
 from consumer.membership.changelog import InternalTopics, restore
 from consumer.membership.codec import decode_claim
 from consumer.membership.durable import PartitionStore
-from consumer.membership.stages import StageOne, StageTwo
+from consumer.membership.stages import Durable, StageOne, StageTwo
 
 LISTS_OF = {"vip": ("list-a", "list-b")}
 PARTITIONS = 3
@@ -41,16 +40,8 @@ class Setup:
 
     def stage(self, store: PartitionStore, *, changelog_partition: int | None = None) -> StageOne:
         partition = INPUT_PARTITION if changelog_partition is None else changelog_partition
-        stage = StageOne(
-            INPUT_PARTITION,
-            store,
-            LISTS_OF,
-            self.producer,
-            self.topics.claims,
-            self.topics.members_changelog,
-        )
-        stage.partition = partition
-        return stage
+        state = Durable(partition, store, self.producer, self.topics.members_changelog)
+        return StageOne(state, LISTS_OF, self.topics.claims)
 
     async def claims(self, at_least: int) -> list[tuple[int, Claim]]:
         records = await read_topic(
@@ -63,19 +54,15 @@ class Setup:
 
 
 @pytest_asyncio.fixture
-async def setup(kafka_bootstrap: str) -> AsyncIterator[Setup]:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    restorer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
-    await producer.start()
-    await restorer.start()
-    s = Setup(kafka_bootstrap, producer, restorer)
+async def setup(
+    kafka_bootstrap: str, kafka_producer: AIOKafkaProducer, restore_consumer: AIOKafkaConsumer
+) -> Setup:
+    s = Setup(kafka_bootstrap, kafka_producer, restore_consumer)
     await create_topics(
         kafka_bootstrap,
         {s.topics.claims: PARTITIONS, s.topics.members_changelog: PARTITIONS},
     )
-    yield s
-    await restorer.stop()
-    await producer.stop()
+    return s
 
 
 def summary(claims: list[tuple[int, Claim]]) -> list[tuple[str, str, str, bool]]:
@@ -177,7 +164,7 @@ async def test_stage_two_owes_after_a_restore_exactly_what_was_not_applied(
     for change in changes():
         one.apply(change)
     await one.checkpoint()
-    one.store.close()
+    one.state.store.close()
     claims = await setup.claims(at_least=10)
     changelog = setup.topics.addresses_changelog
     await create_topics(setup.bootstrap, {changelog: PARTITIONS})
@@ -188,7 +175,7 @@ async def test_stage_two_owes_after_a_restore_exactly_what_was_not_applied(
     for partition, claim in claims:
         if partition not in stages:
             store = PartitionStore(tmp_path / f"addresses-{partition}")
-            stages[partition] = StageTwo(partition, store, setup.producer, changelog)
+            stages[partition] = StageTwo(Durable(partition, store, setup.producer, changelog))
         made = stages[partition].apply(claim)
         if made is not None:
             desired.append(made)
@@ -204,12 +191,12 @@ async def test_stage_two_owes_after_a_restore_exactly_what_was_not_applied(
             stages[owner].record_applied(d, Applied.ACTIVE if d.active else Applied.REMOVED)
     for stage in stages.values():
         await stage.checkpoint()
-        stage.store.close()
+        stage.state.store.close()
 
     owed: list[Desired] = []
     for partition in stages:
         store = await restore(setup.restorer, changelog, partition, tmp_path / f"new-{partition}")
-        again = StageTwo(partition, store, setup.producer, changelog)
+        again = StageTwo(Durable(partition, store, setup.producer, changelog))
         owed += again.owed(["list-a", "list-b"])
         # Claims read again (their offsets were not committed yet) change nothing.
         assert [again.apply(c) for p, c in claims if p == partition] == [None] * sum(

@@ -34,6 +34,7 @@ from consumer.campaign_monitor.errors import (
     RecordRejected,
     RequestInvalid,
     TransientError,
+    parse_int,
     redact,
 )
 from consumer.campaign_monitor.transport import (
@@ -144,14 +145,8 @@ def _encode_row(row: SubscriberRow) -> dict[str, Any]:
 def _int(value: object) -> int:
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            return 0
-    return 0
+    parsed = parse_int(value)
+    return 0 if parsed is None else parsed
 
 
 def _parse_import_result(data: Mapping[str, Any], secret: str) -> ImportResult:

@@ -28,6 +28,7 @@ __all__ = [
     "TransientError",
     "classify",
     "code_of",
+    "parse_int",
     "redact",
 ]
 
@@ -59,19 +60,9 @@ class CampaignMonitorError(Exception):
 class RateLimited(CampaignMonitorError):  # noqa: N818 - name fixed by the team's interface sheet
     """HTTP 429: back off, slow down, retry. ``retry_after_s`` is ``X-RateLimit-Reset`` or None."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int,
-        code: int | None,
-        endpoint: str,
-        rate_limit: RateLimitInfo | None = None,
-    ) -> None:
-        super().__init__(
-            message, status=status, code=code, endpoint=endpoint, rate_limit=rate_limit
-        )
-        self.retry_after_s: float | None = rate_limit.reset_s if rate_limit else None
+    @property
+    def retry_after_s(self) -> float | None:
+        return self.rate_limit.reset_s if self.rate_limit else None
 
 
 class TransientError(CampaignMonitorError):
@@ -183,17 +174,20 @@ def classify(
     )
 
 
-def code_of(payload: object) -> int | None:
-    if not isinstance(payload, dict):
+def parse_int(value: object) -> int | None:
+    """A JSON integer, or a string of one; None for anything else (booleans included)."""
+    if isinstance(value, bool):
         return None
-    raw = payload.get("Code")
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, str):
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
         try:
-            return int(raw)
+            return int(value)
         except ValueError:
             return None
     return None
+
+
+def code_of(payload: object) -> int | None:
+    """The ``Code`` of an error body, if it has one."""
+    return parse_int(payload.get("Code")) if isinstance(payload, dict) else None

@@ -37,6 +37,7 @@ the restored table takes as it took them the first time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 
@@ -47,27 +48,33 @@ from consumer.membership.durable import PartitionStore
 from consumer.membership.members import MemberTable
 from consumer.membership.model import Applied, Claim, Desired, ProfileChange, Verdict
 
-__all__ = ["StageOne", "StageTwo"]
+__all__ = ["Durable", "StageOne", "StageTwo"]
+
+
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """One partition's store and the changelog partition its checkpoints go to."""
+
+    partition: int
+    store: PartitionStore
+    producer: AIOKafkaProducer
+    changelog_topic: str
+
+    async def checkpoint(self) -> None:
+        """Changelog acknowledged, then the disk (`changelog.checkpoint`)."""
+        await changelog.checkpoint(self.producer, self.changelog_topic, self.partition, self.store)
 
 
 class StageOne:
-    """Stage 1 of input ``partition``: its table, its store, and its checkpoints."""
+    """Stage 1 of one input partition (``state.partition``): its table, its claims, and its
+    checkpoints."""
 
     def __init__(
-        self,
-        partition: int,
-        store: PartitionStore,
-        lists_of: Mapping[str, Sequence[str]],
-        producer: AIOKafkaProducer,
-        claims_topic: str,
-        changelog_topic: str,
+        self, state: Durable, lists_of: Mapping[str, Sequence[str]], claims_topic: str
     ) -> None:
-        self.partition = partition
-        self.store = store
-        self.table = MemberTable(store, lists_of)
-        self._producer = producer
+        self.state = state
+        self.table = MemberTable(state.store, lists_of)
         self._claims_topic = claims_topic
-        self._changelog_topic = changelog_topic
         self._claims: list[Claim] = []
 
     @property
@@ -97,32 +104,21 @@ class StageOne:
             sent = []
             for claim in claims:
                 key, value = encode_claim(claim)
-                sent.append(await self._producer.send(self._claims_topic, value, key=key))
+                sent.append(await self.state.producer.send(self._claims_topic, value, key=key))
             for future in sent:
                 await future
         except BaseException:
-            self.store.discard()
+            self.state.store.discard()
             raise
-        await changelog.checkpoint(
-            self._producer, self._changelog_topic, self.partition, self.store
-        )
+        await self.state.checkpoint()
 
 
 class StageTwo:
-    """Stage 2 of claims ``partition``: its table, its store, and its checkpoints."""
+    """Stage 2 of one claims partition (``state.partition``): its table and its checkpoints."""
 
-    def __init__(
-        self,
-        partition: int,
-        store: PartitionStore,
-        producer: AIOKafkaProducer,
-        changelog_topic: str,
-    ) -> None:
-        self.partition = partition
-        self.store = store
-        self.table = AddressTable(store)
-        self._producer = producer
-        self._changelog_topic = changelog_topic
+    def __init__(self, state: Durable) -> None:
+        self.state = state
+        self.table = AddressTable(state.store)
 
     def apply(self, claim: Claim) -> Desired | None:
         """Take one claim; the new desired state of its (list, address) if it changed."""
@@ -140,6 +136,4 @@ class StageTwo:
     async def checkpoint(self) -> None:
         """Changelog acknowledged, then the disk; on an exception nothing is checkpointed and
         the claims are read again from their committed offset."""
-        await changelog.checkpoint(
-            self._producer, self._changelog_topic, self.partition, self.store
-        )
+        await self.state.checkpoint()
