@@ -14,9 +14,9 @@ from consumer.devtools.embedded_broker import create_topics
 from consumer.devtools.rig import read_topic
 from consumer.membership import Applied, Claim, Desired, ProfileChange
 from consumer.membership.changelog import InternalTopics, restore
-from consumer.membership.codec import decode_claim
+from consumer.membership.codec import address_key, decode_claim
 from consumer.membership.durable import PartitionStore
-from consumer.membership.stages import Durable, StageOne, StageTwo
+from consumer.membership.stages import Durable, StageOne, StageTwo, claim_partition
 
 LISTS_OF = {"vip": ("list-a", "list-b")}
 PARTITIONS = 3
@@ -98,6 +98,7 @@ async def test_claims_reach_one_partition_per_address_and_the_state_is_durable(
     partition_of: dict[tuple[str, str], set[int]] = {}
     for partition, claim in claims:
         partition_of.setdefault((claim.list_id, claim.address), set()).add(partition)
+        assert partition == claim_partition(address_key(claim.list_id, claim.address), PARTITIONS)
     assert all(len(p) == 1 for p in partition_of.values())  # one owner per (list, address)
     assert len(set().union(*partition_of.values())) > 1  # and the keys do spread
 

@@ -21,9 +21,12 @@ states whose claims are already acknowledged (1 came first), so the changes, rea
 rightly ignored as not newer. Sending 1 and 2 together would allow the one outcome that loses a
 change: a state in the changelog whose claims never reached the broker.
 
-The claims are keyed by their codec key and partitioned by the producer's default partitioner
-(murmur2 of the key, as the Java client does), so every (list, address) has one claims
-partition and so one owner in stage 2, whichever process or client wrote it.
+The claims are keyed by their codec key and partitioned by `claim_partition`, a stable hash of
+that key (CRC-32: not Python's per-process salted ``hash``), so every (list, address) has one
+claims partition and so one owner in stage 2, whichever process wrote it. Only cmsync writes
+that topic, so it need not be Kafka's murmur2, whose pure-Python form in aiokafka costs 18 µs
+a key (bench/state.py), more than deciding the change. They are sent as whole batches per
+partition (`changelog.send_batched`).
 
 Stage 2 (`StageTwo`, per claims partition): claims in, desired states out, and what the sync
 applied recorded. Its checkpoint is the changelog, then the disk. After it, the claims offsets
@@ -36,6 +39,8 @@ the restored table takes as it took them the first time.
 
 from __future__ import annotations
 
+import asyncio
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,7 +53,12 @@ from consumer.membership.durable import PartitionStore
 from consumer.membership.members import MemberTable
 from consumer.membership.model import Applied, Claim, Desired, ProfileChange, Verdict
 
-__all__ = ["Durable", "StageOne", "StageTwo"]
+__all__ = ["Durable", "StageOne", "StageTwo", "claim_partition"]
+
+
+def claim_partition(key: bytes, partitions: int) -> int:
+    """The claims partition of a claim's key: the same in every process and release."""
+    return zlib.crc32(key) % partitions
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +111,19 @@ class StageOne:
         up), which decides the same changes again."""
         claims, self._claims = self._claims, []
         try:
-            sent = []
+            partitions = sorted(await self.state.producer.partitions_for(self._claims_topic))
+            by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
             for claim in claims:
                 key, value = encode_claim(claim)
-                sent.append(await self.state.producer.send(self._claims_topic, value, key=key))
-            for future in sent:
-                await future
+                partition = partitions[claim_partition(key, len(partitions))]
+                by_partition.setdefault(partition, []).append((key, value))
+            producer = self.state.producer
+            await asyncio.gather(
+                *(
+                    changelog.send_batched(producer, self._claims_topic, partition, records)
+                    for partition, records in by_partition.items()
+                )
+            )
         except BaseException:
             self.state.store.discard()
             raise
