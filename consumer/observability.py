@@ -108,6 +108,13 @@ pending_changes: Final = Gauge(
     ["destination"],
     registry=REGISTRY,
 )
+assigned_partitions: Final = Gauge(
+    "cmsync_assigned_partitions",
+    "Partitions of the input topic assigned to this process (0 for an idle replica, and while"
+    " a rebalance is under way). 0 in every replica of a group: no partition reached any of"
+    " them (a mistyped topic?).",
+    registry=REGISTRY,
+)
 paused_partitions: Final = Gauge(
     "cmsync_paused_partitions",
     "Partitions whose intake is paused by backpressure (CMSYNC_MAX_PENDING).",

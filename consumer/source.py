@@ -179,6 +179,7 @@ class Source:
         return self._committed.get(partition)
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        obs.assigned_partitions.set(0)  # a rebalance revokes everything; `_assigned` follows
         partitions = {tp.partition for tp in revoked if tp.topic == self.topic}
         if partitions:
             await self._on_revoked(partitions)
@@ -221,6 +222,7 @@ class Source:
                 # (A commit beyond our position means another member moved on meanwhile:
                 # then aiokafka's restart from it is right.)
                 self.consumer.seek(TopicPartition(self.topic, partition), position)
+        obs.assigned_partitions.set(len(partitions))
         log.info("partitions_assigned", partitions=sorted(partitions))
 
 

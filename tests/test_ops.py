@@ -996,7 +996,7 @@ def test_dashboard_filters_by_namespace_and_pod_and_shows_the_lifecycle() -> Non
         title: " ".join(t["expr"] for t in panel.get("targets", []))
         for title, panel in titles.items()
     }
-    assert "cmsync_consumer_lag" in exprs["Partitions assigned per pod"]
+    assert "cmsync_assigned_partitions" in exprs["Partitions assigned per pod"]
     assert "changes(" in exprs["Rebalances (assignment changes, last hour)"]
     assert "process_start_time_seconds" in exprs["Restarts (last hour)"]
     memory = exprs["Memory per pod against its limit"]

@@ -55,6 +55,15 @@ async def test_instances_join_and_leave_mid_stream(kafka_bootstrap: str, tmp_pat
             lambda: len(c.events("partitions_assigned")) >= 2, 60, "the group without b", [a, c]
         )
         await asyncio.sleep(2)
+        # The gauge follows the assignments (0 while a rebalance is under way): once the group
+        # settles, the two members' shares make the whole topic, as their logs say.
+        for _ in range(120):
+            shares = [(await p.metrics()).value("cmsync_assigned_partitions") for p in (a, c)]
+            if sum(shares) == rig.partitions:
+                break
+            await asyncio.sleep(0.5)
+        assert sum(shares) == rig.partitions, (shares, a.tail(), c.tail())
+        assert shares == [len(a.assigned() or ()), len(c.assigned() or ())]
 
         c_partitions = c.assigned() or set()
         c.kill()  # without leaving the group
