@@ -13,7 +13,9 @@ Rules, stated once:
 - Enum values are accepted in any letter case and stored canonically (``yes`` becomes ``Yes``).
 - Names are unique, and one list is written by one destination: two destinations naming the
   same list would fight over it (one removes what the other adds). A list that should hold
-  several segments is one destination with ``segment_ids`` (contract; a later change).
+  several segments will be one destination with ``segment_ids`` (contract); until the service
+  keeps membership state, ``segment_ids`` is refused with that reason rather than called an
+  unknown key.
 - Messages never contain an API key.
 
 Pure apart from reading the destinations file and the secret files it is told about.
@@ -94,6 +96,13 @@ DESTINATION_KEYS: Final = (
     "custom_fields",
 )
 REQUIRED_DESTINATION_KEYS: Final = ("name", "segment_id", "list_id", "email_field")
+#: Keys of the contract that this release cannot honour yet, with the reason a user is told.
+NOT_YET: Final = {
+    "segment_ids": (
+        "a list fed by several segments needs the membership state (docs/architecture.md, "
+        "known limits); give each list one segment_id"
+    ),
+}
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _LIST_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
@@ -171,9 +180,9 @@ def _parse_destinations(
         if len(labels) > 1:
             problems.append(
                 f"destinations {' and '.join(labels)} {'both' if len(labels) == 2 else 'all'} "
-                f"write list {list_id}: one destination "
-                "per list (to fill a list from several segments, give one destination "
-                "segment_ids = [...])"
+                f"write list {list_id}: one destination per list (an exit from one segment "
+                "would remove a member of the other; a list fed by several segments, "
+                "segment_ids, is not supported yet)"
             )
     keys.report_missing()
     return DestinationsFile(tuple(destinations), key_variables)
@@ -222,7 +231,9 @@ def _parse_destination(
     found = len(problems)
 
     for key in table:
-        if key not in DESTINATION_KEYS:
+        if key in NOT_YET:
+            problems.append(f'{label}: "{key}" is not supported yet: {NOT_YET[key]}')
+        elif key not in DESTINATION_KEYS:
             problems.append(f'{label}: unknown key "{key}"{did_you_mean(key, DESTINATION_KEYS)}')
     for key in REQUIRED_DESTINATION_KEYS:
         if key not in table:

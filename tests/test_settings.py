@@ -480,6 +480,13 @@ def test_one_list_written_by_two_destinations_is_refused_with_the_segment_ids_hi
     assert "segment_ids" in problem
 
 
+def test_segment_ids_is_refused_as_not_supported_yet_not_as_unknown(tmp_path: Path) -> None:
+    toml = D.replace('segment_id = "vip-customers"', 'segment_ids = ["vip-customers", "top"]')
+    problems = destination_problems(tmp_path, toml)
+    assert any('"segment_ids" is not supported yet' in p for p in problems), problems
+    assert not any("unknown key" in p for p in problems), problems
+
+
 def test_missing_api_keys_are_reported_once_per_variable(tmp_path: Path) -> None:
     toml = (
         D
