@@ -1,8 +1,10 @@
 """Membership state: what the service must know for every list to equal its segment(s).
 
 Pure (no I/O, no clock, no asyncio): stores are injected (`Store`), time is only event time.
-Guarantee 2 of the contract rests on this package once the service feeds it; until then
-nothing imports it but its tests and ``bench/statestore.py``.
+Guarantee 2 of the contract rests on this package once the service feeds it; so far the
+service uses only `normalise_address` (``consumer.events``). The durable side lives beside the
+pure one: `durable` (one partition's store on disk), `changelog` (internal topics, changelog
+writes, restore) and `stages` (the two stages' checkpoints); this module imports none of them.
 
 Two stages, as Kafka Streams or quix-streams would build them::
 

@@ -11,9 +11,9 @@ count):
   partition q.
 
 A changelog record's key is the state key and its value the encoded state, or None (a
-tombstone) for a deleted key. `write` sends a checkpoint's items and returns the offset of the
-last one once the broker acknowledged all of them; only then does the owner write the
-checkpoint to disk (`PartitionStore.checkpoint`). `restore` brings a store up to the end of its
+tombstone) for a deleted key. `checkpoint` sends a store's pending items (`send_batched`, which
+returns the offset of the last once the broker acknowledged all of them) and only then writes
+the checkpoint to disk (`PartitionStore.checkpoint`). `restore` brings a store up to the end of its
 changelog partition: from the offset of its last checkpoint, or from the start for an empty
 state directory; a store whose checkpoint is past the end of its changelog belongs to another
 topic (deleted and re-created) and is rebuilt from scratch.
@@ -44,7 +44,6 @@ __all__ = [
     "ensure_internal_topics",
     "restore",
     "send_batched",
-    "write",
 ]
 
 #: Records read per fetch while restoring.
@@ -187,18 +186,6 @@ async def send_batched(
     return int(last.result().offset) + count - 1
 
 
-async def write(
-    producer: AIOKafkaProducer,
-    topic: str,
-    partition: int,
-    items: Sequence[tuple[bytes, bytes | None]],
-) -> int | None:
-    """Send a checkpoint's items to ``partition`` of the changelog ``topic``, in order; the
-    offset of the last once all are acknowledged (None for no items). Raises what the
-    producer raises: then nothing may be checkpointed (`PartitionStore.discard`)."""
-    return await send_batched(producer, topic, partition, items)
-
-
 async def checkpoint(
     producer: AIOKafkaProducer, topic: str, partition: int, store: PartitionStore
 ) -> None:
@@ -206,7 +193,7 @@ async def checkpoint(
     disk. On an exception the pending checkpoint is dropped (the disk keeps the last one) and
     the exception propagates: the caller reads its input again from the committed offset."""
     try:
-        offset = await write(producer, topic, partition, store.pending())
+        offset = await send_batched(producer, topic, partition, store.pending())
     except BaseException:
         store.discard()
         raise

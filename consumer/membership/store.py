@@ -1,8 +1,9 @@
 """The store the tables read and write through: bytes in, bytes out, ordered by key.
 
-The service's implementation (next step) wraps the embedded store of one partition and records
-every ``put`` of a checkpoint as a changelog record (a None value as a tombstone), as
-quix-streams' partition transactions do; the tables neither know nor care.
+`consumer.membership.durable.PartitionStore` is the service's implementation: the embedded store
+of one partition, whose pending writes become changelog records at a checkpoint (a None
+value as a tombstone), as quix-streams' partition transactions do; the tables neither know nor
+care.
 """
 
 from __future__ import annotations
