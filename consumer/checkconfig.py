@@ -51,7 +51,7 @@ def describe(settings: Settings, origins: Mapping[str, str] | None = None) -> di
     destinations = [
         {
             "name": d.name,
-            "segment_id": d.segment_id,
+            "segment_ids": list(d.segment_ids),
             "list_id": d.list_id,
             "api_key_env": d.api_key_env,
             "api_key": "***",

@@ -11,11 +11,13 @@ Rules, stated once:
 - A ListID is 32 hexadecimal characters; an upper-case ListID is accepted and lower-cased
   (Campaign Monitor's IDs are lower-case; an upper-case copy is the same list).
 - Enum values are accepted in any letter case and stored canonically (``yes`` becomes ``Yes``).
+- A destination takes one segment (``segment_id``) or several (``segment_ids``: its list holds
+  the union), never both keys.
 - Names are unique, and one list is written by one destination: two destinations naming the
-  same list would fight over it (one removes what the other adds). A list that should hold
-  several segments will be one destination with ``segment_ids`` (contract); until the service
-  keeps membership state, ``segment_ids`` is refused with that reason rather than called an
-  unknown key.
+  same list would fight over it (one removes what the other adds); a list that should hold
+  several segments is one destination with ``segment_ids``.
+- The destinations of one segment read the address from the same profile field: the state
+  keeps one address per (segment, profile).
 - Messages never contain an API key.
 
 Pure apart from reading the destinations file and the secret files it is told about.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
@@ -50,10 +52,11 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """One ``[[destination]]`` of the destinations file: one segment synced to one list."""
+    """One ``[[destination]]`` of the destinations file: one or more segments synced to one
+    list (the union of their members)."""
 
     name: str
-    segment_id: str
+    segment_ids: tuple[str, ...]  # in file order, each once
     list_id: str
     api_key_env: str
     api_key: Secret
@@ -86,6 +89,7 @@ _CONSENTS: Final[dict[str, ConsentToTrack]] = {"yes": "Yes", "no": "No", "unchan
 DESTINATION_KEYS: Final = (
     "name",
     "segment_id",
+    "segment_ids",
     "list_id",
     "api_key_env",
     "email_field",
@@ -95,14 +99,7 @@ DESTINATION_KEYS: Final = (
     "consent_to_track",
     "custom_fields",
 )
-REQUIRED_DESTINATION_KEYS: Final = ("name", "segment_id", "list_id", "email_field")
-#: Keys of the contract that this release cannot honour yet, with the reason a user is told.
-NOT_YET: Final = {
-    "segment_ids": (
-        "a list fed by several segments needs the membership state (docs/architecture.md, "
-        "known limits); give each list one segment_id"
-    ),
-}
+REQUIRED_DESTINATION_KEYS: Final = ("name", "list_id", "email_field")
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _LIST_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
@@ -181,8 +178,20 @@ def _parse_destinations(
             problems.append(
                 f"destinations {' and '.join(labels)} {'both' if len(labels) == 2 else 'all'} "
                 f"write list {list_id}: one destination per list (an exit from one segment "
-                "would remove a member of the other; a list fed by several segments, "
-                "segment_ids, is not supported yet)"
+                "would remove a member of the other); to fill one list from several segments, "
+                'give one destination segment_ids = ["a", "b"]'
+            )
+    fields: dict[str, dict[str, list[str]]] = {}  # segment -> email_field -> destination labels
+    for dest in destinations:
+        for segment in dest.segment_ids:
+            fields.setdefault(segment, {}).setdefault(dest.email_field, []).append(f'"{dest.name}"')
+    for segment, by_field in fields.items():
+        if len(by_field) > 1:
+            which = "; ".join(f"{', '.join(labels)} use {f!r}" for f, labels in by_field.items())
+            problems.append(
+                f"the destinations of segment {shown(segment)} read the address from different "
+                f"profile fields ({which}): a member has one address per segment, so give them "
+                "the same email_field"
             )
     keys.report_missing()
     return DestinationsFile(tuple(destinations), key_variables)
@@ -231,9 +240,7 @@ def _parse_destination(
     found = len(problems)
 
     for key in table:
-        if key in NOT_YET:
-            problems.append(f'{label}: "{key}" is not supported yet: {NOT_YET[key]}')
-        elif key not in DESTINATION_KEYS:
+        if key not in DESTINATION_KEYS:
             problems.append(f'{label}: unknown key "{key}"{did_you_mean(key, DESTINATION_KEYS)}')
     for key in REQUIRED_DESTINATION_KEYS:
         if key not in table:
@@ -272,7 +279,7 @@ def _parse_destination(
             f'{label}: "name" {shown(name)} is not usable as a metric label: use 1 to 64 '
             'letters, digits, "-", "_" or "."'
         )
-    segment_id = string("segment_id")
+    segment_ids = _segments(label, table, string, problems)
     list_id = string("list_id")
     if list_id is not None:
         list_id = list_id.lower()
@@ -308,13 +315,13 @@ def _parse_destination(
         return None
     # No problem recorded means every required key was found and valid.
     assert name is not None
-    assert segment_id is not None
+    assert segment_ids
     assert list_id is not None
     assert email_field is not None
     assert api_key_env is not None
     return Destination(
         name=name,
-        segment_id=segment_id,
+        segment_ids=segment_ids,
         list_id=list_id,
         api_key_env=api_key_env,
         api_key=api_key,
@@ -325,6 +332,41 @@ def _parse_destination(
         consent_to_track=consent,
         custom_fields=custom_fields,
     )
+
+
+def _segments(
+    label: str,
+    table: Mapping[str, object],
+    string: Callable[[str], str | None],
+    problems: list[str],
+) -> tuple[str, ...]:
+    """The segments of a destination: ``segment_id``, or ``segment_ids`` (a non-empty array of
+    strings, each once); empty after recording a problem."""
+    if "segment_id" in table and "segment_ids" in table:
+        problems.append(f'{label}: give "segment_id" or "segment_ids", not both')
+        return ()
+    if "segment_ids" not in table:
+        if "segment_id" not in table:
+            problems.append(f'{label}: required key "segment_id" (or "segment_ids") is missing')
+            return ()
+        segment = string("segment_id")
+        return () if segment is None else (segment,)
+    raw = table["segment_ids"]
+    if not (isinstance(raw, list) and raw and all(isinstance(s, str) for s in raw)):
+        problems.append(f'{label}: "segment_ids" must be a non-empty array of strings')
+        return ()
+    bad = [shown(s) for s in raw if not s.strip() or s != s.strip()]
+    if bad:
+        problems.append(
+            f'{label}: "segment_ids" entries must not be empty nor start or end with spaces: '
+            + ", ".join(bad)
+        )
+        return ()
+    twice = sorted({shown(s) for s in raw if raw.count(s) > 1})
+    if twice:
+        problems.append(f'{label}: "segment_ids" names {", ".join(twice)} more than once')
+        return ()
+    return tuple(raw)
 
 
 def _custom_fields(

@@ -92,7 +92,7 @@ def test_destinations_rendered_by_dest_load_as_written(tmp_path: Path) -> None:
     settings = load_settings(env)
     assert settings.kafka.dlq_topic == "t.dlq"
     news, offers = settings.destinations
-    assert (news.name, news.list_id, news.segment_id) == ("news", "a" * 32, "seg-a")
+    assert (news.name, news.list_id, news.segment_ids) == ("news", "a" * 32, ("seg-a",))
     assert dict(news.custom_fields) == {"City": "city", "Tier": "tier"}
     assert (offers.removal, offers.resubscribe) == ("unsubscribe", "always")
 

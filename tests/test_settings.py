@@ -104,7 +104,7 @@ def test_defaults(valid_env: dict[str, str]) -> None:
     assert settings.destinations == (
         Destination(
             name="vip-newsletter",
-            segment_id="vip-customers",
+            segment_ids=("vip-customers",),
             list_id=LIST_A,
             api_key_env="CMSYNC_CM_API_KEY",
             api_key=Secret(API_KEY),
@@ -410,7 +410,10 @@ email_field = "email"
         (D + 'emial_field = "mail"\n', 'unknown key "emial_field" (did you mean "email_field"?)'),
         (D + "[destination.custom_field]\nCity = 'city'\n", '(did you mean "custom_fields"?)'),
         (D + "colour = 'red'\n", 'unknown key "colour"'),
-        (D.replace('segment_id = "vip-customers"\n', ""), 'required key "segment_id" is missing'),
+        (
+            D.replace('segment_id = "vip-customers"\n', ""),
+            'required key "segment_id" (or "segment_ids") is missing',
+        ),
         (D.replace(f'list_id = "{LIST_A}"\n', ""), 'required key "list_id" is missing'),
         (D.replace('email_field = "email"\n', ""), 'required key "email_field" is missing'),
         (D.replace(f'"{LIST_A}"', "0x0123"), '"list_id" must be a string, not an integer'),
@@ -480,11 +483,33 @@ def test_one_list_written_by_two_destinations_is_refused_with_the_segment_ids_hi
     assert "segment_ids" in problem
 
 
-def test_segment_ids_is_refused_as_not_supported_yet_not_as_unknown(tmp_path: Path) -> None:
+def test_segment_ids_make_one_list_of_several_segments(tmp_path: Path) -> None:
     toml = D.replace('segment_id = "vip-customers"', 'segment_ids = ["vip-customers", "top"]')
-    problems = destination_problems(tmp_path, toml)
-    assert any('"segment_ids" is not supported yet' in p for p in problems), problems
-    assert not any("unknown key" in p for p in problems), problems
+    (dest,) = load_settings(base_env(write(tmp_path, toml))).destinations
+    assert dest.segment_ids == ("vip-customers", "top")
+
+
+@pytest.mark.parametrize(
+    ("segments", "problem"),
+    [
+        ('segment_ids = []\nsegment_id = "x"', 'give "segment_id" or "segment_ids", not both'),
+        ("segment_ids = []", '"segment_ids" must be a non-empty array of strings'),
+        ('segment_ids = ["a", 1]', '"segment_ids" must be a non-empty array of strings'),
+        ('segment_ids = ["a", " b"]', "must not be empty nor start or end with spaces: ' b'"),
+        ('segment_ids = ["a", "b", "a"]', "names 'a' more than once"),
+    ],
+)
+def test_segment_ids_problems(tmp_path: Path, segments: str, problem: str) -> None:
+    toml = D.replace('segment_id = "vip-customers"', segments)
+    assert problem in only_problem(destination_problems(tmp_path, toml))
+
+
+def test_one_segment_has_one_email_field(tmp_path: Path) -> None:
+    work = D.replace('"vip"', '"work"').replace(LIST_A, LIST_B)
+    work = work.replace('email_field = "email"', 'email_field = "work_email"')
+    problem = only_problem(destination_problems(tmp_path, D + "\n" + work))
+    assert problem.startswith("the destinations of segment 'vip-customers' read the address")
+    assert "email_field" in problem
 
 
 def test_missing_api_keys_are_reported_once_per_variable(tmp_path: Path) -> None:
@@ -526,7 +551,10 @@ email_field = "email"
     assert "metric label" in problems[1]
     assert "list_id" in problems[2]
     assert '"resubscribe"' in problems[3]
-    assert problems[4] == 'destination #2 "second": required key "segment_id" is missing'
+    assert (
+        problems[4]
+        == 'destination #2 "second": required key "segment_id" (or "segment_ids") is missing'
+    )
 
 
 def test_four_mistakes_in_the_file_give_four_messages(tmp_path: Path) -> None:
