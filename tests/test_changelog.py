@@ -69,10 +69,17 @@ async def test_internal_topics_are_created_with_the_input_partition_count(
     assert topics.members_changelog == f"{group}.members-changelog"
 
     with pytest.raises(TopicLayoutError, match=r"internal topics missing: .*members-changelog"):
-        await ensure_internal_topics(kafka_bootstrap, source, topics, create=False)
-    assert await ensure_internal_topics(kafka_bootstrap, source, topics) == 3
+        await ensure_internal_topics(
+            {"bootstrap_servers": kafka_bootstrap}, source, topics, create=False
+        )
+    assert await ensure_internal_topics({"bootstrap_servers": kafka_bootstrap}, source, topics) == 3
     # Again, as every replica does at start: nothing to create, the layout checks out.
-    assert await ensure_internal_topics(kafka_bootstrap, source, topics, create=False) == 3
+    assert (
+        await ensure_internal_topics(
+            {"bootstrap_servers": kafka_bootstrap}, source, topics, create=False
+        )
+        == 3
+    )
 
 
 async def test_a_different_partition_count_is_a_clear_error(kafka_bootstrap: str) -> None:
@@ -80,13 +87,15 @@ async def test_a_different_partition_count_is_a_clear_error(kafka_bootstrap: str
     topics = InternalTopics.of_group(group)
     await create_topics(kafka_bootstrap, {source: 3, topics.claims: 2})
     with pytest.raises(TopicLayoutError, match=rf"has 3\): {topics.claims} has 2"):
-        await ensure_internal_topics(kafka_bootstrap, source, topics)
+        await ensure_internal_topics({"bootstrap_servers": kafka_bootstrap}, source, topics)
 
 
 async def test_a_missing_input_topic_is_a_clear_error(kafka_bootstrap: str) -> None:
     with pytest.raises(TopicLayoutError, match=r"input topic .* does not exist"):
         await ensure_internal_topics(
-            kafka_bootstrap, unique("absent"), InternalTopics.of_group(unique("g"))
+            {"bootstrap_servers": kafka_bootstrap},
+            unique("absent"),
+            InternalTopics.of_group(unique("g")),
         )
 
 

@@ -15,7 +15,8 @@ Invariants (they carry guarantee 2 across profiles, segments and partitions):
   while active), with a revision one above the previous: the revisions of one key increase
   strictly, whatever the event times behind them.
 * What the sync last did is recorded by `record_applied`; `owed` lists the keys whose desired
-  state is not what was applied (to feed the buffer again after a restore).
+  state is not what was applied, or whose last write's outcome is unknown (SENDING: the
+  process died with it in flight), to feed the buffer again after a restore.
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ def _wanted(state: AddressState) -> tuple[bool, Fields]:
     return (False, {}) if holder is None else (True, holder.fields)
 
 
+def _desired(list_id: str, address: str, state: AddressState) -> Desired:
+    active, fields = _wanted(state)
+    return Desired(list_id, address, active, fields, state.revision, state.origin())
+
+
 def _owes(state: AddressState) -> bool:
+    if state.applied is Applied.SENDING:
+        return True
+    if state.applied is Applied.REJECTED:
+        return False  # until the desired state changes (a new revision is offered anyway)
     active, fields = _wanted(state)
     if active:
         return state.applied is not Applied.ACTIVE or state.applied_fingerprint != fingerprint(
@@ -71,7 +81,7 @@ class AddressTable:
             return None  # older than, or the same as, what this member said last
         before = _wanted(state)
         state.holders[claim.member] = Holding(
-            claim.version, claim.holds, dict(claim.fields) if claim.holds else {}
+            claim.version, claim.holds, dict(claim.fields) if claim.holds else {}, claim.partition
         )
         after = _wanted(state)
         changed = after != before
@@ -80,7 +90,7 @@ class AddressTable:
         self._store.put(key, encode_address(state))
         if not changed:
             return None
-        return Desired(claim.list_id, claim.address, after[0], after[1], state.revision)
+        return _desired(claim.list_id, claim.address, state)
 
     def state(self, list_id: str, address: str) -> AddressState | None:
         """The stored state of one (list, address), or None."""
@@ -89,14 +99,13 @@ class AddressTable:
 
     def desired(self, list_id: str, address: str) -> Desired:
         """The current desired state of one (list, address) (not active if unknown)."""
-        state = self._load(address_key(list_id, address))
-        active, fields = _wanted(state)
-        return Desired(list_id, address, active, fields, state.revision)
+        return _desired(list_id, address, self._load(address_key(list_id, address)))
 
     def record_applied(self, desired: Desired, outcome: Applied) -> None:
         """The sync wrote ``desired`` to its list with ``outcome`` (ACTIVE for an add or an
-        update, REMOVED for its own delete or unsubscribe, KEPT when consent made it leave
-        the address as it was).
+        update, REMOVED for its own delete or unsubscribe, KEPT when it left the address as it
+        was, REJECTED when Campaign Monitor refused it), or is about to (SENDING: until the
+        outcome is recorded, the state owes the write, since the list may or may not show it).
 
         Call in the order the writes completed (the buffer never has two in flight for one
         address). ``desired`` may be older than the current revision: what matters is what the
@@ -115,14 +124,11 @@ class AddressTable:
     def addresses(self, list_id: str) -> Iterator[Desired]:
         """The desired state of every address of ``list_id`` this store knows, in key order."""
         for key, raw in self._store.scan(list_prefix(list_id)):
-            state = decode_address(raw)
-            active, fields = _wanted(state)
-            yield Desired(list_id, split_key(key)[1], active, fields, state.revision)
+            yield _desired(list_id, split_key(key)[1], decode_address(raw))
 
     def owed(self, list_id: str) -> Iterator[Desired]:
         """The desired states of ``list_id`` that differ from what the sync last applied."""
         for key, raw in self._store.scan(list_prefix(list_id)):
             state = decode_address(raw)
             if _owes(state):
-                active, fields = _wanted(state)
-                yield Desired(list_id, split_key(key)[1], active, fields, state.revision)
+                yield _desired(list_id, split_key(key)[1], state)

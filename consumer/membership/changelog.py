@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -38,11 +38,13 @@ from aiokafka.errors import TopicAlreadyExistsError
 from consumer.membership.durable import PartitionStore
 
 __all__ = [
+    "InputTopicMissingError",
     "InternalTopics",
     "TopicLayoutError",
     "checkpoint",
     "ensure_internal_topics",
     "restore",
+    "restore_all",
     "send_batched",
 ]
 
@@ -55,8 +57,12 @@ COMPACTED: Final = {"cleanup.policy": "compact"}
 
 
 class TopicLayoutError(RuntimeError):
-    """An internal topic exists with another partition count than the input topic's, is
-    missing while the service may not create it, or the input topic does not exist."""
+    """An internal topic exists with another partition count than the input topic's, or is
+    missing while the service may not create it."""
+
+
+class InputTopicMissingError(TopicLayoutError):
+    """The input topic does not exist (yet): the internal topics cannot be sized."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,24 +99,24 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: Sequence[str]) -
 
 
 async def ensure_internal_topics(
-    bootstrap: str,
+    client: Mapping[str, object],
     input_topic: str,
     topics: InternalTopics,
     *,
     create: bool = True,
     replication_factor: int = -1,
-    **client_kwargs: object,
 ) -> int:
     """Check (and, with ``create``, create what is missing of) the internal topics; returns the
-    partition count they share with ``input_topic``. ``replication_factor`` -1 takes the
-    broker's default. Raises `TopicLayoutError` with what to do."""
+    partition count they share with ``input_topic``. ``client``: the Kafka client's keyword
+    arguments (``KafkaSettings.client_kwargs``). ``replication_factor`` -1 takes the broker's
+    default. Raises `TopicLayoutError` with what to do."""
     names = list(topics.configs())
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
+    admin = AIOKafkaAdminClient(**client)
     await admin.start()
     try:
         counts = await _partition_counts(admin, [input_topic, *names])
         if input_topic not in counts:
-            raise TopicLayoutError(f"the input topic {input_topic} does not exist")
+            raise InputTopicMissingError(f"the input topic {input_topic} does not exist")
         partitions = counts[input_topic]
         wrong = [f"{n} has {counts[n]}" for n in names if n in counts and counts[n] != partitions]
         if wrong:
@@ -209,53 +215,77 @@ async def restore(
     *,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> PartitionStore:
-    """Open the store at ``path`` and bring it up to the end of its changelog partition.
+    """`restore_all` of one partition."""
+    tp = TopicPartition(topic, partition)
+    return (await restore_all(consumer, {tp: path}, progress=progress))[tp]
+
+
+async def restore_all(
+    consumer: AIOKafkaConsumer,
+    paths: Mapping[TopicPartition, Path],
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> dict[TopicPartition, PartitionStore]:
+    """Open the store of each changelog partition at its path and bring it up to the end of
+    that partition, all partitions at once (one fetch session: restoring twelve empty
+    partitions takes one fetch wait, not twelve).
 
     ``consumer`` is one without a group (the caller's restore consumer); it is assigned the
-    partition for the time of the restore. ``progress(restored, remaining)`` is called after
-    each batch (remaining None while the end is not known yet).
+    partitions for the time of the restore. ``progress(restored, remaining)`` is called after
+    each fetch, over all partitions (remaining None while some end is not known yet).
     """
-    tp = TopicPartition(topic, partition)
-    store = PartitionStore(path)
+    stores: dict[TopicPartition, PartitionStore] = {}
     try:
-        consumer.assign([tp])
-        start = store.changelog_offset
-        if start is None:
-            await consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, start + 1)
-        checked = start is None
+        for tp, path in paths.items():
+            stores[tp] = PartitionStore(path)
+        consumer.assign(list(paths))
+        unchecked: set[TopicPartition] = set()
+        for tp, store in stores.items():
+            start = store.changelog_offset
+            if start is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, start + 1)
+                unchecked.add(tp)
+        left = dict.fromkeys(paths, -1)  # records still to read; -1 while not known
         restored = 0
-        while True:
+        while any(n != 0 for n in left.values()):
             batches = await consumer.getmany(
-                tp, timeout_ms=RESTORE_FETCH_MS, max_records=RESTORE_BATCH
+                *[tp for tp, n in left.items() if n],
+                timeout_ms=RESTORE_FETCH_MS,
+                max_records=RESTORE_BATCH,
             )
-            records = batches.get(tp, [])
-            if records:
-                store.apply_changelog([(r.key, r.value) for r in records], records[-1].offset)
-                restored += len(records)
-            end = consumer.highwater(tp)
-            if end is None:  # no fetch response yet
-                if progress:
-                    progress(restored, None)
-                continue
-            if not checked:
-                checked = True
-                if start is not None and start >= end:
-                    # The checkpoint covers records the changelog does not have: the state was
-                    # written to another (deleted and re-created) topic. Rebuild it.
-                    store.close()
-                    PartitionStore.wipe(path)
-                    store = PartitionStore(path)
+            for tp, records in batches.items():
+                if records:
+                    stores[tp].apply_changelog(
+                        [(r.key, r.value) for r in records], records[-1].offset
+                    )
+                    restored += len(records)
+            for tp in list(left):
+                if not left[tp]:
+                    continue
+                end = consumer.highwater(tp)
+                if end is None:  # no fetch response yet
+                    continue
+                offset = stores[tp].changelog_offset
+                if tp in unchecked and offset is not None and offset >= end:
+                    # The checkpoint covers records the changelog does not have: the state
+                    # was written to another (deleted and re-created) topic. Rebuild it.
+                    unchecked.discard(tp)
+                    stores[tp].close()
+                    PartitionStore.wipe(paths[tp])
+                    stores[tp] = PartitionStore(paths[tp])
                     await consumer.seek_to_beginning(tp)
                     continue
-            position = await consumer.position(tp)
+                unchecked.discard(tp)
+                left[tp] = max(0, end - await consumer.position(tp))
             if progress:
-                progress(restored, max(0, end - position))
-            if position >= end:
-                return store
+                unknown = any(n < 0 for n in left.values())
+                progress(restored, None if unknown else sum(left.values()))
+        return stores
     except BaseException:
-        store.close()
+        for store in stores.values():
+            store.close()
         raise
     finally:
         consumer.unsubscribe()

@@ -146,13 +146,21 @@ def decode_member(raw: bytes) -> MemberState:
 
 def _holding_row(member: Member, holding: Holding) -> list[object]:
     occurred_at_ms, offset = holding.version
-    return [*member, occurred_at_ms, offset, holding.holds, holding.fields or None]
+    return [
+        *member,
+        occurred_at_ms,
+        offset,
+        holding.holds,
+        holding.fields or None,
+        holding.partition,
+    ]
 
 
 def encode_address(state: AddressState) -> bytes | None:
     """Stage 2's value, or None (a tombstone) when the state holds nothing:
     ``[revision, applied, applied_fingerprint, [[segment, profile, occurred_at_ms, offset,
-    holds, fields | nil], …]]`` with the members sorted (equal states, equal bytes)."""
+    holds, fields | nil, input partition], …]]`` with the members sorted (equal states, equal
+    bytes)."""
     if not state.holders and state.applied is Applied.NOTHING and not state.revision:
         return None
     rows = [_holding_row(member, state.holders[member]) for member in sorted(state.holders)]
@@ -163,8 +171,10 @@ def decode_address(raw: bytes) -> AddressState:
     try:
         revision, applied, applied_fingerprint, rows = _body(raw, "address state")
         holders = {
-            (segment, profile): Holding((occurred_at_ms, offset), bool(holds), fields or {})
-            for segment, profile, occurred_at_ms, offset, holds, fields in rows
+            (segment, profile): Holding(
+                (occurred_at_ms, offset), bool(holds), fields or {}, partition
+            )
+            for segment, profile, occurred_at_ms, offset, holds, fields, partition in rows
         }
         return AddressState(holders, revision, Applied(applied), applied_fingerprint)
     except StateFormatError:
@@ -175,7 +185,7 @@ def decode_address(raw: bytes) -> AddressState:
 
 def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
     """The repartition record of a claim: (`address_key`, value)."""
-    holding = Holding(claim.version, claim.holds, claim.fields)
+    holding = Holding(claim.version, claim.holds, claim.fields, claim.partition)
     return address_key(claim.list_id, claim.address), _HEADER + _pack(
         _holding_row(claim.member, holding)
     )
@@ -184,7 +194,7 @@ def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
 def decode_claim(key: bytes, value: bytes) -> Claim:
     list_id, address = split_key(key)
     try:
-        segment, profile, occurred_at_ms, offset, holds, fields = _body(value, "claim")
+        segment, profile, occurred_at_ms, offset, holds, fields, partition = _body(value, "claim")
         return Claim(
             list_id,
             address,
@@ -192,6 +202,7 @@ def decode_claim(key: bytes, value: bytes) -> Claim:
             (occurred_at_ms, offset),
             bool(holds),
             fields or {},
+            partition,
         )
     except StateFormatError:
         raise

@@ -26,7 +26,7 @@ segment gained; a list a segment lost is simply written no more.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from consumer.membership.codec import (
     decode_member,
@@ -35,7 +35,7 @@ from consumer.membership.codec import (
     segment_prefix,
     split_key,
 )
-from consumer.membership.model import Claim, MemberState, ProfileChange, Verdict
+from consumer.membership.model import Claim, Fields, MemberState, ProfileChange, Verdict
 from consumer.membership.normalise import normalise_address
 from consumer.membership.store import Store
 
@@ -45,10 +45,22 @@ __all__ = ["MemberTable"]
 class MemberTable:
     """Stage 1 over one store (one input partition's state, in the service)."""
 
-    __slots__ = ("_lists_of", "_store")
+    __slots__ = ("_fields_of", "_lists_of", "_partition", "_store")
 
-    def __init__(self, store: Store, lists_of: Mapping[str, Sequence[str]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        lists_of: Mapping[str, Sequence[str]],
+        partition: int = 0,
+        fields_of: Mapping[str, Collection[str]] | None = None,
+    ) -> None:
+        """``partition``: the input partition the store belongs to (claims carry it).
+        ``fields_of``: per list, the profile fields it is written with; a list's claims carry
+        only those (so a change of a field only another list maps changes nothing in it). A
+        list not named there gets every field the state keeps."""
         self._store = store
+        self._partition = partition
+        self._fields_of = {k: frozenset(v) for k, v in (fields_of or {}).items()}
         # dict.fromkeys: a list named twice for one segment is still one list.
         self._lists_of = {
             segment: tuple(dict.fromkeys(lists)) for segment, lists in lists_of.items()
@@ -82,14 +94,23 @@ class MemberTable:
         member = (segment_id, profile_id)
         claims: list[Claim] = []
         held = old.address if old is not None and old.in_segment else None
+        p = self._partition
         if held is not None and held != new.address:
-            claims.extend(Claim(list_id, held, member, new.version, False) for list_id in lists)
+            claims.extend(
+                Claim(list_id, held, member, new.version, False, {}, p) for list_id in lists
+            )
         if new.address is not None:
             claims.extend(
-                Claim(list_id, new.address, member, new.version, True, new.fields)
+                Claim(list_id, new.address, member, new.version, True, self._of(list_id, new), p)
                 for list_id in lists
             )
         return claims
+
+    def _of(self, list_id: str, state: MemberState) -> Fields:
+        wanted = self._fields_of.get(list_id)
+        if wanted is None:
+            return state.fields
+        return {k: v for k, v in state.fields.items() if k in wanted}
 
     def member(self, segment_id: str, profile_id: str) -> MemberState | None:
         """The stored state of one (segment, profile), or None if no change was accepted."""
@@ -111,6 +132,8 @@ class MemberTable:
         """
         for profile_id, state in self.members(segment_id):
             assert state.address is not None  # in_segment implies an address
+            member = (segment_id, profile_id)
+            fields = self._of(list_id, state)
             yield Claim(
-                list_id, state.address, (segment_id, profile_id), state.version, True, state.fields
+                list_id, state.address, member, state.version, True, fields, self._partition
             )

@@ -20,6 +20,7 @@ __all__ = [
     "Holding",
     "Member",
     "MemberState",
+    "Origin",
     "ProfileChange",
     "Verdict",
     "Version",
@@ -90,6 +91,8 @@ class Claim:
     version: Version
     holds: bool
     fields: Fields = field(default_factory=dict, repr=False)
+    #: the input partition of the member's change (with ``version``'s offset: where it is)
+    partition: int = 0
 
 
 class Verdict(NamedTuple):
@@ -107,6 +110,16 @@ class Holding:
     version: Version
     holds: bool
     fields: Fields = field(default_factory=dict, repr=False)
+    partition: int = 0  # the input partition of the claim (see `Claim.partition`)
+
+
+class Origin(NamedTuple):
+    """Where the change behind a desired state is in the input: the profile (the record's
+    key), its partition and offset. A dead letter refers to it."""
+
+    profile_id: str
+    partition: int
+    offset: int
 
 
 class Applied(enum.IntEnum):
@@ -115,7 +128,11 @@ class Applied(enum.IntEnum):
     NOTHING = 0  # never written by the sync
     ACTIVE = 1  # added or updated, with the fields whose fingerprint is kept
     REMOVED = 2  # deleted or unsubscribed by the sync ("the sync's own removals", issue 13)
-    KEPT = 3  # not active was wanted, and the sync left it (consent protects it)
+    KEPT = 3  # the sync left the address as it was (consent, or already inactive)
+    #: a write was sent and its outcome is not known yet: if the process dies now, the list
+    #: may show it or not, so the state owes it again (the write is idempotent)
+    SENDING = 4
+    REJECTED = 5  # Campaign Monitor refused the write (dead-lettered): not retried as is
 
 
 @dataclass(slots=True)
@@ -139,12 +156,25 @@ class AddressState:
         Its fields are the ones written: the most recent word on the person. The member breaks
         ties so that the choice does not depend on the order claims arrived in.
         """
+        newest = self.newest()
+        return None if newest is None else newest[1]
+
+    def newest(self) -> tuple[Member, Holding] | None:
+        """`newest_holder` with its member."""
         best: tuple[Version, Member] | None = None
-        chosen: Holding | None = None
+        chosen: tuple[Member, Holding] | None = None
         for member, holding in self.holders.items():
             if holding.holds and (best is None or (holding.version, member) > best):
-                best, chosen = (holding.version, member), holding
+                best, chosen = (holding.version, member), (member, holding)
         return chosen
+
+    def origin(self) -> Origin | None:
+        """Where the newest holder's change is in the input (None if nobody holds)."""
+        newest = self.newest()
+        if newest is None:
+            return None
+        (_, profile_id), holding = newest
+        return Origin(profile_id, holding.partition, holding.version[1])
 
     @property
     def removed_by_sync(self) -> bool:
@@ -166,3 +196,6 @@ class Desired:
     active: bool
     fields: Fields = field(repr=False)
     revision: int
+    #: the newest holder's change (None when not active): what a dead letter refers to. Not
+    #: part of the desired state (a newer change with the same fields keeps the revision).
+    origin: Origin | None = field(default=None, compare=False)

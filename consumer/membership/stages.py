@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
@@ -80,10 +80,15 @@ class StageOne:
     checkpoints."""
 
     def __init__(
-        self, state: Durable, lists_of: Mapping[str, Sequence[str]], claims_topic: str
+        self,
+        state: Durable,
+        lists_of: Mapping[str, Sequence[str]],
+        claims_topic: str,
+        fields_of: Mapping[str, Collection[str]] | None = None,
     ) -> None:
+        """``lists_of``, ``fields_of``: as for `MemberTable`."""
         self.state = state
-        self.table = MemberTable(state.store, lists_of)
+        self.table = MemberTable(state.store, lists_of, state.partition, fields_of)
         self._claims_topic = claims_topic
         self._claims: list[Claim] = []
 
@@ -104,11 +109,12 @@ class StageOne:
         self._claims += self.table.backfill(segment_id, list_id)
         return len(self._claims) - before
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self) -> dict[int, int]:
         """Claims acknowledged, then the changelog acknowledged, then the disk (see the module
-        docstring). On an exception nothing is checkpointed and the pending work is dropped:
-        the caller must read the input again from its committed offset (or give the partition
-        up), which decides the same changes again."""
+        docstring); returns, per claims partition written to, the offset of its last claim.
+        On an exception nothing is checkpointed and the pending work is dropped: the caller
+        must read the input again from its committed offset (or give the partition up), which
+        decides the same changes again."""
         claims, self._claims = self._claims, []
         try:
             partitions = sorted(await self.state.producer.partitions_for(self._claims_topic))
@@ -118,7 +124,7 @@ class StageOne:
                 partition = partitions[claim_partition(key, len(partitions))]
                 by_partition.setdefault(partition, []).append((key, value))
             producer = self.state.producer
-            await asyncio.gather(
+            written = await asyncio.gather(
                 *(
                     changelog.send_batched(producer, self._claims_topic, partition, records)
                     for partition, records in by_partition.items()
@@ -128,6 +134,11 @@ class StageOne:
             self.state.store.discard()
             raise
         await self.state.checkpoint()
+        return {
+            partition: last
+            for partition, last in zip(by_partition, written, strict=True)
+            if last is not None
+        }
 
 
 class StageTwo:
