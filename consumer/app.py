@@ -1,20 +1,27 @@
 """The service: one event loop, one TaskGroup, and the ordering of shutdown written down.
 
-Tasks owned by the TaskGroup: the fetch loop, one flusher per destination, the committer.
-The HTTP server (metrics, health) lives beside them for the whole run.
+The pipeline (docs/architecture.md): the source reads the input and the claims topic; stage 1
+of the membership state (`consumer.state`) decides each input change and writes claims, stage
+2 turns claims into desired states per (list, address), which the destination buffers coalesce
+and the flushers send. Tasks owned by the TaskGroup: the fetch loop, one flusher per
+destination, the committer, the state's checkpointer. The HTTP server (metrics, health) lives
+beside them for the whole run. At start, the state's topics are checked (and created when
+missing and allowed); the state's stores are restored as partitions are assigned.
 
 Shutdown (SIGTERM/SIGINT, or `Service.stop()`), all inside CMSYNC_SHUTDOWN_BUDGET_S:
   1. stop fetching: the fetch loop ends at its next poll (≤ 200 ms);
   2. drain: every flusher sends what it buffers without waiting for the flush interval, until
      nothing is held and all buffers are empty, or the budget (less a reserve for 3 and 4) is
      spent (the wait is woken by the releases of holds, `Intake.wait_until`: no polling);
-  3. commit the offsets that are durable now;
-  4. close: cancel the dead letters in flight, leave the group, stop the dead-letter producer,
-     close the Campaign Monitor session, stop the HTTP server.
+  3. commit the offsets that are durable now, checkpoint what was applied, close the stores;
+  4. close: cancel the dead letters in flight, leave the group, stop the producers, close the
+     Campaign Monitor session, stop the HTTP server.
 A second signal skips to the end: the process exits at once, committing nothing more.
 
 A rebalance drains the same way, for the revoked partitions only and within REVOKE_BUDGET_S,
-before the source commits them (`_on_revoked`).
+before the source commits them (`_on_revoked`): the desired states of revoked claims
+partitions are flushed and their requests in flight waited for, so that the next owner of an
+address starts after the last write of this one.
 """
 
 from __future__ import annotations
@@ -23,30 +30,44 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from consumer import observability as obs
-from consumer.buffer import AppliedMemory, DestinationBuffer, Position
+from consumer.buffer import AppliedMemory, DestinationBuffer
 from consumer.consent import Consent
 from consumer.deadletter import DeadLetterQueue
 from consumer.flusher import REMOVAL_BATCH_SIZE, DestinationFlusher
 from consumer.gateway import gateways_for
-from consumer.intake import Intake, Route
+from consumer.intake import Intake
+from consumer.membership.changelog import (
+    InputTopicMissingError,
+    InternalTopics,
+    TopicLayoutError,
+    ensure_internal_topics,
+)
 from consumer.offsets import OffsetTracker
 from consumer.settings import ConfigError, Settings, load_settings
-from consumer.source import Source
+from consumer.source import Partitions, Source
+from consumer.state import MembershipState, Target
 from consumer.tuning import (
     CLOSE_RESERVE_S,
     CLOSE_TIMEOUT_S,
     EXIT_RESERVE_S,
     GC_THRESHOLDS,
+    INPUT_TOPIC_RETRY_S,
     REVOKE_BUDGET_S,
+    STATE_LINGER_MS,
 )
 
 log = structlog.get_logger("cmsync.app")
@@ -61,13 +82,15 @@ def tune_garbage_collector() -> None:
 
 
 class Service:
-    """Wires source → intake → buffers → flushers → tracker → commits, and shuts them down in
-    the order of the module docstring. The hot path is `Intake.handle`; the service only
-    builds the pieces, runs their tasks, waits for the drains and decides when to stop.
+    """Wires source → membership state → buffers → flushers → commits, and shuts them down in
+    the order of the module docstring. The hot paths are `MembershipState.handle_input` and
+    `handle_claims`; the service only builds the pieces, runs their tasks, waits for the
+    drains and decides when to stop.
 
-    Public for callers that run or watch it: `run`, `stop`, `pipeline` (the intake wired
-    without running it, for benchmarks), `liveness`/`readiness`, and the parts `tracker`,
-    `intake`, `source`, `health`. One `run` (or `pipeline`) per instance.
+    Public for callers that run or watch it: `run`, `stop`, `pipeline` (everything wired and
+    the state's clients started, without consuming: for benchmarks), `liveness`/`readiness`,
+    and the parts `tracker`, `intake`, `state`, `source`, `health`. One `run` (or `pipeline`)
+    per instance.
     """
 
     def __init__(self, settings: Settings, *, commit_interval_s: float = 1.0) -> None:
@@ -75,21 +98,21 @@ class Service:
         self._commit_interval_s = commit_interval_s
         self.tracker = OffsetTracker()
         self.applied = AppliedMemory(settings.applied_memory)
+        self.topics = InternalTopics.of_group(settings.kafka.group_id)
         self._stopping = asyncio.Event()
         self._dlq = DeadLetterQueue(settings.kafka.dlq_topic, settings.kafka.client_kwargs())
-        self.intake = Intake(
-            topic=settings.kafka.topic, tracker=self.tracker, send_dead_letter=self._dlq.send
-        )
-        self._routes: dict[str, list[Route]] = {}  # segment -> its routes, by _build_routes
+        self.intake = Intake(tracker=self.tracker, send_dead_letter=self._dlq.send)
+        self._state: MembershipState | None = None
         self._flushers: list[DestinationFlusher] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
         self._deadline: float | None = None  # end of the shutdown budget, once stopping
         self.source = Source(
             settings.kafka,
-            handle=self.intake.handle,
-            committable=self.tracker.committable,
-            outstanding=self.tracker.outstanding,
+            topics=(settings.kafka.topic, self.topics.claims),
+            handle=self._handle,
+            committable=self._committable,
+            outstanding=self._outstanding,
             max_pending=settings.max_pending,
             on_revoked=self._on_revoked,
             on_assigned=self._on_assigned,
@@ -98,10 +121,18 @@ class Service:
             settings.http_port, liveness=self.liveness, readiness=self.readiness
         )
 
+    @property
+    def state(self) -> MembershipState:
+        """The membership state (inside `pipeline` or `run`)."""
+        if self._state is None:
+            raise RuntimeError("the membership state exists inside pipeline() only")
+        return self._state
+
     # ---------------------------------------------------------------- wiring
 
-    def _build_routes(self, session: aiohttp.ClientSession) -> None:
+    def _build_flushers(self, session: aiohttp.ClientSession) -> list[Target]:
         s = self.settings
+        state = self.state
         gateways = gateways_for(
             s.destinations,
             base_url=s.cm_base_url,
@@ -115,6 +146,7 @@ class Service:
             flush_interval_s=s.flush_interval_s,
         )
         obs.max_pending.set(s.max_pending)
+        targets = []
         for dest in s.destinations:
             gateway = gateways[dest.name]
             buffer = DestinationBuffer(
@@ -129,43 +161,84 @@ class Service:
                 gateway=gateway,
                 consent=Consent(dest, gateway, refresh_s=s.consent_refresh_s),
                 dead_letters=self._dlq,
-                release=self._release,
-                source_topic=s.kafka.topic,
+                release=state.release,
+                source_topic=self.topics.claims,
+                on_applied=state.record_applied,
+                original=state.original,
+                before_send=state.mark_sending,
             )
             self._flushers.append(flusher)
-            self._routes.setdefault(dest.segment_id, []).append(Route(dest, buffer, flusher))
+            targets.append(Target(dest, buffer, flusher.wake))
+        return targets
 
-    def _release(self, positions: Iterable[Position]) -> None:
-        """The flushers' callback: their completed entries' holds (`Intake.release`)."""
-        self.intake.release(positions)
+    async def _handle(
+        self, topic: str, partition: int, records: Sequence[ConsumerRecord[Any, Any]]
+    ) -> None:
+        if topic == self.topics.claims:
+            await self.state.handle_claims(partition, records)
+        else:
+            await self.state.handle_input(partition, records)
+
+    def _committable(self, topic: str, partition: int) -> int | None:
+        return None if self._state is None else self._state.committable(topic, partition)
+
+    def _outstanding(self) -> int:
+        """What backpressure counts: desired states in the buffers, and records waiting for
+        their dead letters."""
+        held = self.tracker.outstanding()
+        return held if self._state is None else held + self._state.in_buffers()
+
+    def pending(self) -> int:
+        """Everything not yet applied or dead-lettered that this process knows of: what
+        backpressure counts, and the claims it wrote to its own partitions and has not taken
+        yet (tests and benchmarks wait for 0)."""
+        unread = 0 if self._state is None else self._state.claims_unread()
+        return self._outstanding() + unread
 
     # ---------------------------------------------------------------- rebalance
 
-    async def _on_revoked(self, partitions: set[int]) -> None:
-        """Flush what the revoked partitions hold, within REVOKE_BUDGET_S (step 1 of handing
-        them over; the source then commits them)."""
-        log.info("partitions_revoked", partitions=sorted(partitions))
+    async def _on_revoked(self, partitions: Partitions) -> None:
+        """Hand revoked partitions over (within REVOKE_BUDGET_S): flush what the buffers hold
+        of the claims partitions and wait for their requests in flight, wait for the input
+        partitions' dead letters, then close their stores; the source then commits them."""
+        inputs = partitions[self.settings.kafka.topic]
+        claims = partitions[self.topics.claims]
+        log.info(
+            "partitions_revoked", partitions=sorted(inputs), internal_partitions=sorted(claims)
+        )
+        state = self.state
         if not self._draining:
             for flusher in self._flushers:
                 flusher.drain()
         outstanding_in = self.tracker.outstanding_in
+        flushers = self._flushers
+
+        def handed_over() -> bool:
+            # A stalled destination's changes are owed in the state: nothing to wait for.
+            flushed = state.in_buffers(claims) == 0 or all(
+                f.drained() or f.stalled_reason for f in flushers
+            )
+            return flushed and all(outstanding_in(p) == 0 for p in inputs)
+
         try:
             async with asyncio.timeout(REVOKE_BUDGET_S):
-                await self.intake.wait_until(
-                    lambda: all(outstanding_in(p) == 0 for p in partitions)
-                )
+                await self.intake.wait_until(handed_over)
         except TimeoutError:
             log.warning(
                 "revocation_flush_incomplete",
-                partitions=sorted(partitions),
-                pending=sum(outstanding_in(p) for p in partitions),
+                partitions=sorted(inputs),
+                pending=state.in_buffers(claims) + sum(outstanding_in(p) for p in inputs),
             )
         if not self._draining:
             for flusher in self._flushers:
                 flusher.end_drain()
+        await state.revoke_claims(claims)
+        await state.revoke_inputs(inputs)
 
-    async def _on_assigned(self, partitions: set[int]) -> None:
-        self.intake.forget([p for p in self.tracker.partitions() if p not in partitions])
+    async def _on_assigned(self, partitions: Partitions) -> None:
+        inputs = partitions[self.settings.kafka.topic]
+        self.intake.forget([p for p in self.tracker.partitions() if p not in inputs])
+        await self.state.assign(inputs, partitions[self.topics.claims])
 
     # ---------------------------------------------------------------- health
 
@@ -183,6 +256,8 @@ class Service:
             return False, f"destinations stalled: {', '.join(stalled)}"
         if self._stopping.is_set():
             return False, "shutting down"
+        if self._state is not None and self._state.restoring:
+            return False, "restoring the membership state"
         return True, "joined" if self.source.joined else "waiting for assignment"
 
     # ---------------------------------------------------------------- lifecycle
@@ -200,6 +275,8 @@ class Service:
         try:
             async with self.pipeline():
                 try:
+                    if not await self._internal_topics():
+                        return
                     await self.source.start()
                     tune_garbage_collector()
                     log.info(
@@ -217,7 +294,10 @@ class Service:
                         committer = tg.create_task(
                             self.source.commit_loop(self._commit_interval_s), name="commit"
                         )
-                        self._tasks = [fetch, *flushers, committer]
+                        checkpointer = tg.create_task(
+                            self.state.checkpoint_loop(self._commit_interval_s), name="checkpoint"
+                        )
+                        self._tasks = [fetch, *flushers, committer, checkpointer]
                         await self._stopping.wait()
                         deadline = self._deadline = time.monotonic() + budget
                         # 1. stop fetching
@@ -227,29 +307,65 @@ class Service:
                         for flusher in self._flushers:
                             flusher.drain()
                         await self._drain(deadline - CLOSE_RESERVE_S)
-                        # 3. commit
+                        # 3. commit, then checkpoint and close the stores
                         with contextlib.suppress(Exception):  # a failed commit means a re-read
                             await asyncio.wait_for(
                                 self.source.commit(), max(0.5, deadline - time.monotonic() - 1)
                             )
-                        for task in [*flushers, committer]:
+                        for task in [*flushers, committer, checkpointer]:
                             task.cancel()
+                    await self._within_budget(self.state.close)
                 finally:
                     # 4. close: dead letters in flight, the group (then, leaving `pipeline`,
-                    # the dead-letter producer and the session; then the HTTP server)
+                    # the producers and the session; then the HTTP server)
                     self.intake.close()
                     await self._within_budget(self.source.stop)
         finally:
             await self.health.stop()
-        log.info("stopped", pending=self.tracker.outstanding())
+        log.info("stopped", pending=self._outstanding())
+
+    async def _internal_topics(self) -> bool:
+        """Check (and create, unless CMSYNC_INTERNAL_TOPICS=require) the state's topics. While
+        the input topic does not exist, wait for it (the group would read nothing anyway:
+        CmsyncNoPartitionsAssigned); False when asked to stop meanwhile."""
+        client = self.settings.kafka.client_kwargs()
+        warned = False
+        while True:
+            try:
+                await ensure_internal_topics(
+                    client,
+                    self.settings.kafka.topic,
+                    self.topics,
+                    create=self.settings.internal_topics == "create",
+                )
+                return True
+            except InputTopicMissingError:
+                if not warned:
+                    log.warning("input_topic_missing", topic=self.settings.kafka.topic)
+                    warned = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(INPUT_TOPIC_RETRY_S):
+                    await self._stopping.wait()
+                    return False
 
     @contextlib.asynccontextmanager
-    async def pipeline(self) -> AsyncIterator[Intake]:
-        """The intake wired as `run` wires it, without running anything: the Campaign Monitor
-        session, the routes, buffers and flushers (not started), the dead-letter producer
-        (started). `run` uses it; benchmarks that drive `Intake.handle` themselves do too.
-        Leaving it cancels the dead letters in flight and closes the producer and the session.
-        """
+    async def pipeline(self) -> AsyncIterator[MembershipState]:
+        """Everything `run` wires, without consuming: the state directory, the state's
+        producer and restore consumer (started), the membership state, the Campaign Monitor
+        session, the buffers and flushers (not started), the dead-letter producer (started).
+        `run` uses it; benchmarks that drive the state's handlers themselves do too. Leaving
+        it cancels the dead letters in flight, stops the clients and closes the session (and
+        removes a temporary state directory)."""
+        kafka = self.settings.kafka.client_kwargs()
+        producer = AIOKafkaProducer(acks="all", linger_ms=STATE_LINGER_MS, **kafka)
+        restorer, reader = (
+            AIOKafkaConsumer(
+                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **kafka
+            )
+            for _ in range(2)
+        )
+        temporary = self.settings.state_dir is None
+        root = Path(self.settings.state_dir or tempfile.mkdtemp(prefix="cmsync-state-"))
         session = aiohttp.ClientSession()
         # aiohttp silently re-sends a GET or DELETE once when a kept-alive connection drops;
         # that copy bypasses the rate limiter (guarantee 5: found by tests/faults, a 15 % drop
@@ -258,25 +374,46 @@ class Service:
         # switch exists; aiohttp's own test client sets the same attribute.
         session._retry_connection = False
         try:
-            self._build_routes(session)
-            self.intake.set_routes(route for routes in self._routes.values() for route in routes)
+            await producer.start()
+            await restorer.start()
+            await reader.start()
+            self._state = MembershipState(
+                destinations=self.settings.destinations,
+                topics=self.topics,
+                state_dir=root / self.settings.kafka.group_id,
+                producer=producer,
+                restorer=restorer,
+                reader=reader,
+                input_topic=self.settings.kafka.topic,
+                intake=self.intake,
+            )
+            self._state.set_targets(self._build_flushers(session))
             try:
                 await self._dlq.start()
-                yield self.intake
+                yield self._state
             finally:
                 self.intake.close()
                 await self._within_budget(self._dlq.stop)
         finally:
             await session.close()
+            await self._within_budget(restorer.stop)
+            await self._within_budget(reader.stop)
+            await self._within_budget(producer.stop)
+            if temporary:
+                shutil.rmtree(root, ignore_errors=True)
 
     async def _drain(self, until: float) -> None:
-        """Step 2: wait until nothing is held and every buffer is empty, or until ``until``."""
+        """Step 2: wait until no dead letter is in flight and every buffer is empty but those
+        of stalled destinations (what they hold is owed in the state), or until ``until``."""
         flushers = self._flushers
-        outstanding = self.tracker.outstanding
+        outstanding = self._outstanding
+        letters = self.tracker.outstanding
         try:
             async with asyncio.timeout(until - time.monotonic()):
                 await self.intake.wait_until(
-                    lambda: outstanding() == 0 and all(f.drained() for f in flushers)
+                    lambda: (
+                        letters() == 0 and all(f.drained() or f.stalled_reason for f in flushers)
+                    )
                 )
         except TimeoutError:
             log.warning("shutdown_drain_incomplete", pending=outstanding())
@@ -354,6 +491,10 @@ def cli_main(argv: list[str]) -> int:
         asyncio.run(run_until_signalled(settings))
     except asyncio.CancelledError:
         return 1
+    except TopicLayoutError as exc:
+        log.error("fatal", error=type(exc).__name__)
+        print(f"cmsync run: {exc}", file=sys.stderr)
+        return 2
     except KafkaConnectionError as exc:  # at start-up: no broker answered
         log.error("fatal", error=type(exc).__name__, detail=str(exc)[:200])
         servers = ",".join(settings.kafka.bootstrap_servers)

@@ -51,7 +51,7 @@ import enum
 import itertools
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
 from typing import Final
@@ -615,6 +615,20 @@ class DestinationBuffer:
                     waiting._hold(position)
                 waiting.first_seen = min(waiting.first_seen, entry.first_seen)
                 self._make_ready(waiting)
+
+    def discard(self, doomed: Callable[[Entry], bool]) -> list[Position]:
+        """Drop the buffered entries (not those in flight) for which ``doomed(entry)`` is true;
+        returns the positions they held. For a partition handed to another owner: what was
+        only buffered here is the new owner's to send (it is owed in the durable state)."""
+        released: list[Position] = []
+        buffered, in_flight, ready = self._buffered, self._in_flight, self._ready
+        for key, entry in list(buffered.items()):
+            if doomed(entry):
+                del buffered[key]
+                if key not in in_flight:  # a blocked entry was not counted as ready
+                    ready[entry.change.entered] -= 1
+                released.extend(entry.holds)
+        return released  # their heap items are stale now and discarded by `_top`
 
     def drained(self) -> bool:
         """Nothing buffered, nothing in flight."""

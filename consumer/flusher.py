@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, Protocol
 
 import structlog
@@ -40,8 +40,9 @@ from consumer.campaign_monitor.client import (
 )
 from consumer.deadletter import DeadLetter
 from consumer.gateway import RemovalMode
+from consumer.membership.model import Applied
 from consumer.membership.normalise import normalise_address
-from consumer.rows import key_of, row_of, value_of
+from consumer.rows import event_time_ms, key_of, row_of, value_of
 from consumer.settings import Destination
 from consumer.tuning import (
     BATCHES_IN_FLIGHT,
@@ -49,6 +50,7 @@ from consumer.tuning import (
     MIN_WAIT_S,
     REMOVAL_BATCH_SIZE,
     REMOVAL_BATCHES_IN_FLIGHT,
+    SEND_RETRY_S,
 )
 
 __all__ = [
@@ -56,10 +58,14 @@ __all__ = [
     "DeadLetterSink",
     "DestinationFlusher",
     "Gateway",
+    "Original",
     "ProtectedAddresses",
 ]
 
 log = structlog.get_logger("cmsync.flusher")
+
+#: What a dead letter carries of the change it refers to: (key, value, "topic/partition/offset").
+Original = tuple[bytes | None, bytes, str]
 
 #: Codes that mean "the subscriber is already in an inactive state" (suppressed, deleted,
 #: unsubscribed, bounced, unconfirmed): for a removal that is the wanted outcome.
@@ -97,8 +103,16 @@ class ProtectedAddresses(Protocol):
 class DestinationFlusher:
     """The flush loop of one destination (see the module docstring for who calls what).
 
-    ``clock`` (monotonic) drives the flush policy; ``wall_clock`` measures freshness against
-    the events' ``occurred_at``. Both are injectable for tests.
+    ``on_applied(entries, outcome)`` learns what each completed entry did to the list (the
+    membership state records it), before their positions are released; dead-lettered entries
+    are reported as REJECTED. ``original(entry)`` gives a dead letter its key, value and source
+    (default: the record the entry kept, at ``source_topic``). ``before_send(entries)`` is
+    awaited before a batch is sent (the membership state records durably that the writes are
+    under way) and says which entries to send (the others are dropped: no longer this
+    process's to write); None sends nothing now: the batch goes back to the buffer and is
+    taken again after a pause. ``clock`` (monotonic) drives
+    the flush policy; ``wall_clock`` measures freshness against the events' ``occurred_at``.
+    Both are injectable for tests.
     """
 
     def __init__(
@@ -111,6 +125,9 @@ class DestinationFlusher:
         dead_letters: DeadLetterSink,
         release: Callable[[Iterable[Position]], None],
         source_topic: str,
+        on_applied: Callable[[Sequence[Entry], Applied], None] | None = None,
+        original: Callable[[Entry], Awaitable[Original]] | None = None,
+        before_send: Callable[[Sequence[Entry]], Awaitable[Sequence[Entry] | None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -121,6 +138,9 @@ class DestinationFlusher:
         self._dead_letters = dead_letters
         self._release = release
         self._source_topic = source_topic
+        self._on_applied = on_applied
+        self._original = original or self._record_original
+        self._before_send = before_send
         self._clock = clock
         self._wall_clock = wall_clock
         self._wakeup = asyncio.Event()
@@ -162,8 +182,11 @@ class DestinationFlusher:
         name = self._destination.name
         structlog.contextvars.bind_contextvars(destination=name)
         obs.destination_up.labels(destination=name).set(1)
-        pending = obs.pending_changes.labels(destination=name)
         buffer = self._buffer
+        # Read at scrape time: exact whenever it is read (tests and operators wait for 0).
+        obs.pending_changes.labels(destination=name).set_function(
+            lambda: buffer.pending() + buffer.in_flight()
+        )
         going = [0, 0]  # in flight: [removal batches, imports]
 
         def finished(kind: int) -> Callable[[asyncio.Task[None]], None]:
@@ -176,7 +199,6 @@ class DestinationFlusher:
         async with asyncio.TaskGroup() as tasks:
             while True:
                 now = self._clock()
-                pending.set(buffer.pending() + buffer.in_flight())
                 adds = going[1] < BATCHES_IN_FLIGHT
                 removal_room = BATCHES_IN_FLIGHT if self._draining else REMOVAL_BATCHES_IN_FLIGHT
                 removals = going[0] < removal_room
@@ -189,8 +211,12 @@ class DestinationFlusher:
                         delay = buffer.next_due(now, adds=adds, removals=removals)
                     self._wakeup.clear()
                     timeout = IDLE_WAIT_S if delay is None else max(delay, MIN_WAIT_S)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                    # cancellation that arrives as the event is set (found by tests/faults:
+                    # a flusher cancelled at shutdown went on waiting, and the process hung).
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), min(timeout, IDLE_WAIT_S))
+                        async with asyncio.timeout(min(timeout, IDLE_WAIT_S)):
+                            await self._wakeup.wait()
                     continue
                 if batch.late:  # a newer change was applied meanwhile: nothing to send for these
                     obs.events_skipped.labels(reason="late").inc(len(batch.late))
@@ -207,6 +233,22 @@ class DestinationFlusher:
     # ---------------------------------------------------------------- one batch
 
     async def _flush(self, batch: Batch) -> None:
+        if self._before_send is not None:
+            entries = [*batch.adds, *batch.removals]
+            allowed = await self._before_send(entries)
+            if allowed is None:
+                self._buffer.requeue(entries)
+                await asyncio.sleep(SEND_RETRY_S)
+                return
+            if len(allowed) < len(entries):
+                keep = {id(e) for e in allowed}
+                self._release(
+                    self._buffer.complete([e for e in entries if id(e) not in keep], applied=False)
+                )
+                batch = Batch(
+                    [e for e in batch.adds if id(e) in keep],
+                    [e for e in batch.removals if id(e) in keep],
+                )
         started = self._clock()
         added = removed = rejected = 0
         outcome = "ok"
@@ -243,7 +285,7 @@ class DestinationFlusher:
         if len(to_send) < len(entries):  # consent we must not override: nothing to send
             kept = [entry for entry in entries if entry.change.key in protected]
             obs.events_skipped.labels(reason="consent").inc(len(kept))
-            self._complete(kept, applied=True)
+            self._complete(kept, applied=True, outcome=Applied.KEPT)
         if not to_send:
             return 0, 0
         rows: list[SubscriberRow] = []
@@ -277,7 +319,7 @@ class DestinationFlusher:
         for code, bad in failed.items():
             await self._dead_letter(bad, "cm_rejected", f"import row rejected (code {code})", code)
         applied = list(by_email.values())
-        self._complete(applied, applied=True)
+        self._complete(applied, applied=True, outcome=Applied.ACTIVE)
         obs.applied_changes.labels(destination=dest.name, kind="add").inc(len(applied))
         return len(applied), sum(map(len, failed.values())) + len(undecodable)
 
@@ -294,7 +336,7 @@ class DestinationFlusher:
             if address in protected:
                 # Already inactive by the person's own choice; deleting would turn an
                 # Unsubscribed address into a Deleted one that a re-entry could reactivate.
-                self._complete([entry], applied=True)
+                self._complete([entry], applied=True, outcome=Applied.KEPT)
                 return
             try:
                 await self._gateway.remove(
@@ -305,8 +347,11 @@ class DestinationFlusher:
                     await self._dead_letter([entry], "cm_rejected", "removal rejected", exc.code)
                     rejected += 1
                     return
-                # else: already in an inactive state, which is what a removal wants: done
-            self._complete([entry], applied=True)
+                # Already in an inactive state, which is what a removal wants: done, but by
+                # whoever made it inactive (the person, Campaign Monitor), not by the sync.
+                self._complete([entry], applied=True, outcome=Applied.KEPT)
+            else:
+                self._complete([entry], applied=True, outcome=Applied.REMOVED)
             removed += 1
 
         async with asyncio.TaskGroup() as tasks:
@@ -317,14 +362,18 @@ class DestinationFlusher:
 
     # ---------------------------------------------------------------- completion
 
-    def _complete(self, entries: Sequence[Entry], *, applied: bool) -> None:
+    def _complete(
+        self, entries: Sequence[Entry], *, applied: bool, outcome: Applied = Applied.NOTHING
+    ) -> None:
         if not entries:
             return
         if applied:
             now_ms = self._wall_clock() * 1000.0
             fresh = obs.freshness.labels(destination=self._destination.name)
             for entry in entries:
-                fresh.observe(max(0.0, (now_ms - entry.change.occurred_at_ms) / 1000.0))
+                fresh.observe(max(0.0, (now_ms - event_time_ms(entry)) / 1000.0))
+            if self._on_applied is not None:
+                self._on_applied(entries, outcome)
         self._release(self._buffer.complete(entries, applied=applied))
 
     async def _dead_letter(
@@ -332,16 +381,22 @@ class DestinationFlusher:
     ) -> None:
         """Dead-letter the entries (each acknowledged), then complete them as not applied."""
         for entry in entries:
-            partition, offset = partition_offset(entry.change.position)
+            key, value, source = await self._original(entry)
             await self._dead_letters.send(
                 DeadLetter(
-                    key=key_of(entry),
-                    value=value_of(entry),
+                    key=key,
+                    value=value,
                     error=error,
                     detail=detail,
-                    source=f"{self._source_topic}/{partition}/{offset}",
+                    source=source,
                     destination=self._destination.name,
                     cm_code=cm_code,
                 )
             )
+        if self._on_applied is not None:
+            self._on_applied(entries, Applied.REJECTED)
         self._complete(entries, applied=False)
+
+    async def _record_original(self, entry: Entry) -> Original:
+        partition, offset = partition_offset(entry.change.position)
+        return key_of(entry), value_of(entry), f"{self._source_topic}/{partition}/{offset}"

@@ -241,6 +241,25 @@ permitted_rate: Final = Gauge(
 
 # --------------------------------------------------------------------------- Kafka offsets
 
+state_restore_remaining: Final = Gauge(
+    "cmsync_state_restore_remaining",
+    "Changelog records still to read by the restore under way (0 when none is; while the end"
+    " of some partition is not known yet, what was read so far). /readyz is false while a"
+    " restore runs.",
+    registry=REGISTRY,
+)
+state_restored_records: Final = Counter(
+    "cmsync_state_restored_records",
+    "Changelog records read into the local membership state by restores.",
+    registry=REGISTRY,
+)
+state_checkpoint_failures: Final = Counter(
+    "cmsync_state_checkpoint_failures",
+    "Checkpoints of the membership state that Kafka did not acknowledge; their records are"
+    " read again. store: members (stage 1) or addresses (stage 2).",
+    ["store"],
+    registry=REGISTRY,
+)
 committed_offset: Final = Gauge(
     "cmsync_committed_offset",
     "Last offset committed for a partition owned by this process.",

@@ -1,20 +1,47 @@
 """What a buffered change keeps of its record, and the import row rebuilt from it at flush time.
 
-Callers: the intake builds a change's payload with `payload_of`; the flusher rebuilds the
-import row with `row_of` and recovers the record's key and value with `key_of` / `value_of`
-when it dead-letters the change.
+Two kinds of payload: the record itself (`Payload`, built by `payload_of`, for changes taken
+from the input as they are) and `Wanted` (a desired state decided by the membership state, the
+service's path). The flusher rebuilds the import row with `row_of`, reads the event time with
+`event_time_ms` and, when it dead-letters a change, the key and value with `key_of` /
+`value_of`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import cast
+
+import orjson
 
 from consumer.buffer import Entry
 from consumer.campaign_monitor.client import CustomField, SubscriberRow
 from consumer.events import MembershipChange, ProfileValue, decode
+from consumer.membership.model import Desired
 from consumer.settings import Destination
 
-__all__ = ["Payload", "build_row", "key_of", "payload_of", "row_of", "value_of"]
+__all__ = [
+    "Payload",
+    "Wanted",
+    "build_row",
+    "event_time_ms",
+    "key_of",
+    "payload_of",
+    "row_of",
+    "value_of",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """The payload of a change decided by the membership state: the desired state of its
+    (list, address), and the event time of the change that made it (freshness; for a state
+    owed after a restore, the time it was restored)."""
+
+    desired: Desired = field(repr=False)
+    occurred_at_ms: int
+
 
 #: What a buffer entry keeps of its event, as the change's payload: the record's original value
 #: (to rebuild the row at flush time, which keeps memory per pending change small, and for the
@@ -39,15 +66,31 @@ def _payload(entry: Entry) -> Payload:
     return cast(Payload, payload)
 
 
+def event_time_ms(entry: Entry) -> int:
+    """When the change behind a buffered entry happened (epoch milliseconds)."""
+    payload = entry.change.payload
+    return payload.occurred_at_ms if isinstance(payload, Wanted) else entry.change.occurred_at_ms
+
+
 def value_of(entry: Entry) -> bytes:
-    """The original record value of a buffered change."""
+    """The original record value of a buffered change; for a desired state, which has no one
+    record behind it, a JSON object with the list, the revision and the profile as the state
+    holds it (the address under "email", the mapped fields), and nothing else."""
+    if isinstance(entry.change.payload, Wanted):
+        desired = entry.change.payload.desired
+        profile = {**desired.fields, "email": desired.address}
+        return orjson.dumps(
+            {"list_id": desired.list_id, "revision": desired.revision, "profile": profile}
+        )
     payload = _payload(entry)
     return payload if isinstance(payload, bytes) else payload[1]
 
 
 def key_of(entry: Entry) -> bytes | None:
     """The original record key of a buffered change (decodes the value when the key was the
-    profile id and so was not kept)."""
+    profile id and so was not kept); None for a desired state (it has no one record)."""
+    if isinstance(entry.change.payload, Wanted):
+        return None
     payload = _payload(entry)
     if isinstance(payload, tuple):
         return payload[0]
@@ -61,6 +104,8 @@ def key_of(entry: Entry) -> bytes | None:
 def row_of(destination: Destination, entry: Entry) -> SubscriberRow | None:
     """The import row of a buffered add, or None if its value no longer decodes (it did once,
     so this means a bug; the caller dead-letters it rather than guess)."""
+    if isinstance(entry.change.payload, Wanted):
+        return build_row(destination, entry.change.key, entry.change.payload.desired.fields)
     event = decode(value_of(entry))
     if not isinstance(event, MembershipChange):
         return None
@@ -68,7 +113,7 @@ def row_of(destination: Destination, entry: Entry) -> SubscriberRow | None:
 
 
 def build_row(
-    destination: Destination, address: str, profile: dict[str, ProfileValue]
+    destination: Destination, address: str, profile: Mapping[str, ProfileValue]
 ) -> SubscriberRow:
     """Map a profile to an import row: name and custom fields per the destination's mapping.
 

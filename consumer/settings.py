@@ -230,6 +230,21 @@ class Settings:
         "1000000",
         "(destination, address) pairs whose last applied occurred_at is remembered (>= 0)",
     )
+    state_dir: str | None = setting(
+        "CMSYNC_STATE_DIR",
+        text,
+        None,
+        "where the local membership state lives (default: a fresh temporary directory); a "
+        "cache of the changelog topics, rebuilt from them when empty",
+    )
+    internal_topics: str = setting(
+        "CMSYNC_INTERNAL_TOPICS",
+        one_of("create", "require"),
+        "create",
+        "create: create the state's topics (<group>.members-changelog, <group>.claims, "
+        "<group>.addresses-changelog) at start when missing; require: refuse to start without "
+        "them (extension)",
+    )
     log_level: str = setting(
         "CMSYNC_LOG_LEVEL",
         one_of("debug", "info", "warning", "error", "critical"),

@@ -1,8 +1,13 @@
 """The Kafka side: one aiokafka consumer, its rebalance listener, pause/resume and commits.
 
-Auto-commit is off: the only offsets ever committed are the ones the offset tracker calls
-durable (see `consumer.offsets`). aiokafka does not commit on `stop()` and does not call the
-revocation callback then either, so shutdown commits explicitly before stopping.
+One consumer reads every topic the service consumes (the input, and the claims topic that
+feeds stage 2 of the membership state), as Kafka Streams does: one group, one assignment.
+Auto-commit is off: the only offsets ever committed are the ones ``committable`` calls durable.
+aiokafka does not commit on `stop()` and does not call the revocation callback then either, so
+shutdown commits explicitly before stopping.
+
+A handler that raises `KafkaError` (its checkpoint was not acknowledged) or `ReadAgain` kept
+nothing of the batch: the partition is read again from the batch's first offset.
 """
 
 from __future__ import annotations
@@ -30,25 +35,39 @@ from consumer.tuning import (
 log = structlog.get_logger("cmsync.source")
 
 
+class ReadAgain(Exception):  # noqa: N818  # not an error: a request to the source
+    """Raised by a handler that kept nothing of a batch: read it again from its first offset."""
+
+
 class RecordHandler(Protocol):
-    def __call__(self, partition: int, records: Sequence[ConsumerRecord[Any, Any]]) -> None: ...
+    def __call__(
+        self, topic: str, partition: int, records: Sequence[ConsumerRecord[Any, Any]]
+    ) -> Awaitable[None]: ...
+
+
+#: The partitions of a rebalance callback, by topic (every consumed topic present).
+Partitions = dict[str, set[int]]
 
 
 class Source:
-    """Fetches records, pauses under backpressure, commits what the tracker says is durable."""
+    """Fetches records, pauses under backpressure, commits what ``committable`` says is
+    durable. ``topics``: the input topic first (the lag and assignment gauges are about it),
+    then any internal topic consumed beside it."""
 
     def __init__(
         self,
         settings: KafkaSettings,
         *,
+        topics: Sequence[str],
         handle: RecordHandler,
-        committable: Callable[[int], int | None],
+        committable: Callable[[str, int], int | None],
         outstanding: Callable[[], int],
         max_pending: int,
-        on_revoked: Callable[[set[int]], Awaitable[None]],
-        on_assigned: Callable[[set[int]], Awaitable[None]],
+        on_revoked: Callable[[Partitions], Awaitable[None]],
+        on_assigned: Callable[[Partitions], Awaitable[None]],
     ) -> None:
-        self.topic = settings.topic
+        self.topic = topics[0]
+        self.topics = tuple(topics)
         self._handle = handle
         self._committable = committable
         self._outstanding = outstanding
@@ -56,8 +75,8 @@ class Source:
         self._low_water = int(max_pending * LOW_WATER)
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
-        self._committed: dict[int, int] = {}
-        self._fetched: dict[int, int] = {}  # partition -> offset after the last record handled
+        self._committed: dict[TopicPartition, int] = {}
+        self._fetched: dict[TopicPartition, int] = {}  # offset after the last record handled
         self._paused = False
         self.joined = False
         self.consumer = AIOKafkaConsumer(
@@ -71,7 +90,7 @@ class Source:
 
     async def start(self) -> None:
         await self.consumer.start()
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        self.consumer.subscribe(list(self.topics), listener=_Listener(self))
 
     async def stop(self) -> None:
         await self.consumer.stop()
@@ -104,12 +123,23 @@ class Source:
                         await fetch
                     return
                 for tp, records in fetch.result().items():
-                    if records:
-                        self._handle(tp.partition, records)
-                        self._fetched[tp.partition] = records[-1].offset + 1
-                        obs.events_consumed.labels(topic=tp.topic, partition=str(tp.partition)).inc(
-                            len(records)
+                    if not records:
+                        continue
+                    try:
+                        await self._handle(tp.topic, tp.partition, records)
+                    except (KafkaError, ReadAgain) as exc:
+                        log.warning(
+                            "batch_read_again",
+                            topic=tp.topic,
+                            partition=tp.partition,
+                            error=type(exc).__name__,
                         )
+                        self.consumer.seek(tp, records[0].offset)
+                        continue
+                    self._fetched[tp] = records[-1].offset + 1
+                    obs.events_consumed.labels(topic=tp.topic, partition=str(tp.partition)).inc(
+                        len(records)
+                    )
                 self._apply_backpressure()
         finally:
             stop.cancel()
@@ -136,21 +166,21 @@ class Source:
 
     # ---------------------------------------------------------------- committing
 
-    async def commit(self, partitions: Iterable[int] | None = None) -> None:
+    async def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Commit the durable offset of each (given or assigned) partition that moved on."""
         if partitions is None:
-            partitions = [tp.partition for tp in self.consumer.assignment()]
+            partitions = self.consumer.assignment()
         offsets: dict[TopicPartition, int] = {}
-        for partition in partitions:
-            offset = self._committable(partition)
-            if offset is not None and offset > self._committed.get(partition, -1):
-                offsets[TopicPartition(self.topic, partition)] = offset
+        for tp in partitions:
+            offset = self._committable(tp.topic, tp.partition)
+            if offset is not None and offset > self._committed.get(tp, -1):
+                offsets[tp] = offset
         if not offsets:
             return
         await self.consumer.commit(offsets)
         for tp, offset in offsets.items():
-            self._committed[tp.partition] = offset
-            obs.committed_offset.labels(topic=self.topic, partition=str(tp.partition)).set(offset)
+            self._committed[tp] = offset
+            obs.committed_offset.labels(topic=tp.topic, partition=str(tp.partition)).set(offset)
 
     async def commit_loop(self, interval_s: float = 1.0) -> None:
         """Commit periodically; a failed commit is retried at the next tick (nothing is lost by
@@ -168,50 +198,57 @@ class Source:
             high = self.consumer.highwater(tp)
             if high is None:
                 continue
-            done = self._committable(tp.partition)
+            done = self._committable(tp.topic, tp.partition)
             if done is None:
-                done = self._committed.get(tp.partition, high)
+                done = self._committed.get(tp, high)
             obs.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                 max(0, high - done)
             )
 
-    def committed(self, partition: int) -> int | None:
-        return self._committed.get(partition)
+    def committed(self, partition: int, topic: str | None = None) -> int | None:
+        return self._committed.get(TopicPartition(topic or self.topic, partition))
+
+    def _by_topic(self, tps: Iterable[TopicPartition]) -> Partitions:
+        partitions: Partitions = {topic: set() for topic in self.topics}
+        for tp in tps:
+            if tp.topic in partitions:
+                partitions[tp.topic].add(tp.partition)
+        return partitions
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         obs.assigned_partitions.set(0)  # a rebalance revokes everything; `_assigned` follows
-        partitions = {tp.partition for tp in revoked if tp.topic == self.topic}
-        if partitions:
-            await self._on_revoked(partitions)
+        ours = {tp for tp in revoked if tp.topic in self.topics}
+        if ours:
+            await self._on_revoked(self._by_topic(ours))
             try:
-                await self.commit(partitions)
+                await self.commit(ours)
             except (
                 KafkaError
             ) as exc:  # the group moved on: the new owner re-reads from the last commit
                 log.warning("revocation_commit_failed", error=type(exc).__name__)
-            for partition in partitions:
-                self._committed.pop(partition, None)
-                obs.forget_partition(self.topic, partition)
+            for tp in ours:
+                self._committed.pop(tp, None)
+                obs.forget_partition(tp.topic, tp.partition)
         if self._paused:
             obs.paused_partitions.set(0)
             self._paused = False
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         self.joined = True
-        partitions = {tp.partition for tp in assigned if tp.topic == self.topic}
-        for partition in partitions:
+        ours = {tp for tp in assigned if tp.topic in self.topics}
+        for tp in ours:
             # Start from what the group committed: everything before it is durable already.
             with contextlib.suppress(KafkaError):
-                committed = await self.consumer.committed(TopicPartition(self.topic, partition))
+                committed = await self.consumer.committed(tp)
                 if committed is not None:
-                    self._committed[partition] = committed
-        await self._on_assigned(partitions)
-        for partition, position in list(self._fetched.items()):
-            if partition not in partitions:
-                del self._fetched[partition]
+                    self._committed[tp] = committed
+        await self._on_assigned(self._by_topic(ours))
+        for tp, position in list(self._fetched.items()):
+            if tp not in ours:
+                del self._fetched[tp]
                 continue
-            committed = self._committed.get(partition)
-            if self._committable(partition) is not None and (
+            committed = self._committed.get(tp)
+            if self._committable(tp.topic, tp.partition) is not None and (
                 committed is None or committed < position
             ):
                 # A partition we keep across the rebalance and still track: go on from where
@@ -221,9 +258,11 @@ class Source:
                 # track their offsets twice (found by tests/faults: the service crashed).
                 # (A commit beyond our position means another member moved on meanwhile:
                 # then aiokafka's restart from it is right.)
-                self.consumer.seek(TopicPartition(self.topic, partition), position)
-        obs.assigned_partitions.set(len(partitions))
-        log.info("partitions_assigned", partitions=sorted(partitions))
+                self.consumer.seek(tp, position)
+        inputs = sorted(tp.partition for tp in ours if tp.topic == self.topic)
+        obs.assigned_partitions.set(len(inputs))
+        internal = sorted(tp.partition for tp in ours if tp.topic != self.topic)
+        log.info("partitions_assigned", partitions=inputs, internal_partitions=internal)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped

@@ -94,3 +94,11 @@ LOOKAHEAD_S: Final = 0.3
 #: rate (flushers are few and calls are short), low enough not to hammer one host if
 #: something loops.
 CONNECTION_LIMIT: Final = 16
+
+#: How often the service looks again for an input topic that does not exist yet.
+INPUT_TOPIC_RETRY_S: Final = 5.0
+#: The state producer's linger: claims and changelog records of one batch go out together.
+STATE_LINGER_MS: Final = 5
+#: How long a flusher waits before taking a batch again whose writes could not be recorded as
+#: under way (the membership state's changelog did not acknowledge).
+SEND_RETRY_S: Final = 1.0

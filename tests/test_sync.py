@@ -245,9 +245,11 @@ async def test_one_segment_feeds_several_destinations(kafka_bootstrap: str, tmp_
         assert h.active("other") == {"cy@example.com"}
 
 
-async def test_bad_api_key_stalls_one_destination_and_holds_its_offsets(
+async def test_bad_api_key_stalls_one_destination_and_its_changes_stay_owed(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
+    """A stalled destination holds nobody's offsets: its desired states are recorded in the
+    membership state, and applied once the key is fixed (after a restart)."""
     dests = [Dest("good", "seg-a"), Dest("bad", "seg-b", api_key_env="CMSYNC_BAD_KEY")]
     env = {"CMSYNC_BAD_KEY": "wrong-key"}
     async with SyncHarness(kafka_bootstrap, tmp_path, dests, partitions=1, env=env) as h:
@@ -265,12 +267,20 @@ async def test_bad_api_key_stalls_one_destination_and_holds_its_offsets(
                 await asyncio.sleep(0.05)
             assert h.active("good") == {"a1@example.com", "a2@example.com"}
             await asyncio.sleep(1.5)  # several commit ticks
-            assert service.source.committed(0) == 1  # not past the stalled change
+            assert service.source.committed(0) == 3  # the state owes b1 to "bad"
             ready, reason = service.readiness()
             assert not ready
             assert "bad" in reason
-        assert (await h.committed())[0] == 1
+        assert (await h.committed())[0] == 3
         assert h.active("bad") == set()
+        h.extra_env["CMSYNC_BAD_KEY"] = API_KEY
+        async with running(h):  # a fresh state dir: restored from the changelogs
+            for _ in range(600):
+                if h.active("bad") == {"b1@example.com"}:
+                    break
+                await asyncio.sleep(0.05)
+        assert h.active("bad") == {"b1@example.com"}
+        assert h.active("good") == {"a1@example.com", "a2@example.com"}
     assert API_KEY not in reason
 
 

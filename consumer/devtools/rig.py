@@ -18,7 +18,7 @@ What the demo, the integration tests, the fault suite and the benchmarks share, 
   one broker without seeing each other's records.
 
 Only the public surface of the service is used: `Service(settings)`, `run()`, `stop()`, and its
-public attributes (`source.committed`, `tracker.outstanding`: see `sync_progress`).
+public attributes (`source.committed`, `pending`: see `sync_progress`).
 Hazard: helpers that wait poll their condition; each says how often and for how long.
 """
 
@@ -92,13 +92,19 @@ class Dest:
     api_key_env: str = "CMSYNC_CM_API_KEY"
     list_id: str | None = None
     consent_to_track: str = "Yes"
+    more_segments: tuple[str, ...] = ()  # a list fed by several segments (segment_ids)
 
     def toml(self, list_id: str) -> str:
         """The destination's `[[destination]]` table, writing to `list_id`."""
         fields = "".join(f'{key} = "{value}"\n' for key, value in self.custom_fields.items())
+        if self.more_segments:
+            listed = ", ".join(f'"{s}"' for s in (self.segment_id, *self.more_segments))
+            segments = f"segment_ids = [{listed}]"
+        else:
+            segments = f'segment_id = "{self.segment_id}"'
         return f"""[[destination]]
 name = "{self.name}"
-segment_id = "{self.segment_id}"
+{segments}
 list_id = "{list_id}"
 api_key_env = "{self.api_key_env}"
 email_field = "email"
@@ -120,7 +126,7 @@ def destinations_toml(dests: Iterable[Dest], list_ids: Mapping[str, str]) -> str
 DEMO_FIELDS: Final[Mapping[str, str]] = {"City": "city", "Tier": "tier", "Interests": "interests"}
 
 
-def _demo(name: str, segment: str, removal: str, resubscribe: str) -> Dest:
+def _demo(name: str, segment: str, removal: str, resubscribe: str, *more_segments: str) -> Dest:
     return Dest(
         name,
         segment,
@@ -128,16 +134,18 @@ def _demo(name: str, segment: str, removal: str, resubscribe: str) -> Dest:
         resubscribe=resubscribe,
         custom_fields=DEMO_FIELDS,
         consent_to_track="Unchanged",
+        more_segments=more_segments,
     )
 
 
-#: The standard workload (`cmsync demo`, bench/intake): one segment feeds two lists, one
-#: segment has no list.
+#: The standard workload (`cmsync demo`, bench/intake): one segment feeds three lists, one list
+#: takes two segments (their union), one segment has no list.
 DEMO_DESTINATIONS: Final = (
     _demo("vip-newsletter", "vip-customers", "delete", "deleted-only"),
     _demo("vip-offers", "vip-customers", "unsubscribe", "always"),
     _demo("winback", "lapsed-buyers", "delete", "deleted-only"),
     _demo("weekly-digest", "newsletter-all", "delete", "never"),
+    _demo("vip-or-lapsed", "vip-customers", "delete", "deleted-only", "lapsed-buyers"),
 )
 DEMO_SEGMENTS: Final = (
     SegmentSpec("vip-customers", share=0.35, max_changes=5),
@@ -521,7 +529,7 @@ def sync_progress(service: Service, ends: Mapping[int, int]) -> Progress:
         committed=committed,
         done=sum(min(committed[p], end) for p, end in ends.items()),
         total=sum(ends.values()),
-        pending=service.tracker.outstanding(),
+        pending=service.pending(),
     )
 
 
@@ -769,15 +777,20 @@ class SyncRig:
             await self._producer.start()
         return await produce(self._producer, self.topic, records, self.ends, one_by_one=one_by_one)
 
-    async def committed_offsets(self) -> dict[int, int | None]:
-        """The group's committed offsets as the broker holds them (None: none yet)."""
+    async def _offsets_consumer(self) -> AIOKafkaConsumer:
+        """A consumer of the rig's group that never joins it: reads the group's offsets."""
         if self._offsets is None:
             self._offsets = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False
             )
             await self._offsets.start()
+        return self._offsets
+
+    async def committed_offsets(self) -> dict[int, int | None]:
+        """The group's committed offsets as the broker holds them (None: none yet)."""
+        consumer = await self._offsets_consumer()
         return {
-            p: await self._offsets.committed(TopicPartition(self.topic, p))
+            p: await consumer.committed(TopicPartition(self.topic, p))
             for p in range(self.partitions)
         }
 

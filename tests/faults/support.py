@@ -7,13 +7,12 @@ service processes (`python -m consumer run` with a CMSYNC_* environment, the rig
 `ServiceProcess`) started, killed and restarted by the test. It remembers every record it
 produced with the partition and offset the broker acknowledged (the bundled broker's
 ListOffsets answers are not reliable), so that a scenario can compute the expected lists from
-the produced events alone and check the committed offsets against what the simulator really
-holds.
+the produced events alone. `FaultRig.wait_all_committed` waits until everything produced is
+through (input and claims offsets committed to their ends, nothing pending): then every list
+must equal its expected state.
 
 The checks (each returns a list of problems, empty when all is well; no address is printed):
 - `list_problems`: a destination's list against `consumer.devtools.synthetic.expected_state`;
-- `committed_but_unapplied`: every record below the committed offset is reflected in its list
-  (see the function's docstring for why the check is sound);
 - `out_of_order_writes`: per address, applied versions never go back in event time, except for
   documented replays after a crash;
 - `repeated_writes`: writes the simulator applied more than once (figures, not a check).
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import psutil
+from aiokafka import TopicPartition
 
 from consumer.devtools import rig
 from consumer.devtools.rig import (
@@ -57,6 +57,7 @@ from consumer.devtools.synthetic import (
     expected_state,
 )
 from consumer.events import parse_email
+from consumer.membership.changelog import InternalTopics
 
 __all__ = [
     "API_KEY",
@@ -71,7 +72,6 @@ __all__ = [
     "Sent",
     "ServiceProcess",
     "change",
-    "committed_but_unapplied",
     "dead_letter_source",
     "expected_dead_letters",
     "headers_of",
@@ -309,19 +309,52 @@ class FaultRig(SyncRig):
     async def wait_all_committed(
         self, within_s: float, watch: Iterable[ServiceProcess] = ()
     ) -> dict[int, int]:
-        """Until the committed offsets reach the end of everything produced."""
+        """Until everything produced is through: the committed offsets reach the end of
+        everything produced, the group's offsets of the state's claims topic reach its end,
+        and every watched process has joined (and so restored and fed the buffers what the
+        state owes) and holds no pending change (`cmsync_pending_changes`). Then every
+        list reflects every record produced (or the records are dead-lettered)."""
         ends = dict(self.ends)
+        watch = list(watch)
         last: dict[int, int] = {}
+        claims: dict[int, tuple[int, int]] = {}  # partition -> (committed, end)
+        pending: list[float] = []
 
         async def done() -> bool:
             last.update(await self.committed())
-            return all(last.get(p, 0) >= end for p, end in ends.items())
+            if not all(last.get(p, 0) >= end for p, end in ends.items()):
+                return False
+            claims.update(await self.claims_progress())
+            if not all(committed >= end for committed, end in claims.values()):
+                return False
+            pending[:] = []
+            for proc in watch:
+                if proc.alive():
+                    if proc.assigned() is None:  # not joined yet: its owed states not restored
+                        return False
+                    try:
+                        pending.append((await proc.metrics()).value("cmsync_pending_changes"))
+                    except Exception:  # not serving yet (starting): not through
+                        return False
+            return not any(pending)
 
         try:
-            await self.wait_for(done, within_s, "every produced record committed", watch)
+            await self.wait_for(done, within_s, "every produced record through", watch)
         except (TimeoutError, rig.ServiceExitedError) as exc:
-            raise AssertionError(f"{exc}\nends {ends}, committed {last}") from None
+            raise AssertionError(
+                f"{exc}\nends {ends}, committed {last}, claims (committed, end) {claims}, "
+                f"pending {pending}"
+            ) from None
         return last
+
+    async def claims_progress(self) -> dict[int, tuple[int, int]]:
+        """Per partition of the state's claims topic: (the group's committed offset, the
+        end)."""
+        consumer = await self._offsets_consumer()
+        topic = InternalTopics.of_group(self.group).claims
+        tps = [TopicPartition(topic, p) for p in range(self.partitions)]
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: ((await consumer.committed(tp)) or 0, ends[tp]) for tp in tps}
 
     async def dead_letters(
         self, sources: Iterable[tuple[int, int]], within_s: float = 20.0
@@ -352,11 +385,6 @@ class FaultRig(SyncRig):
             if problems:
                 out[dest.name] = problems
         return out
-
-    def committed_but_unapplied(self, committed: Mapping[int, int]) -> list[str]:
-        return committed_but_unapplied(
-            self.sent, committed, {d.name: self.members(d.name) for d in self.dests}, self.dests
-        )
 
 
 # ------------------------------------------------------------------------------- checks
@@ -396,64 +424,6 @@ def version_of(member: Mapping[str, Any] | None) -> int | None:
         return None
     values = field_values(member, VERSION)
     return int(values[0]) if values else None
-
-
-def committed_but_unapplied(
-    sent: Sequence[Sent],
-    committed: Mapping[int, int],
-    members: Mapping[str, Mapping[str, Mapping[str, Any]]],
-    dests: Sequence[rig.Dest],
-) -> list[str]:
-    """Records below the committed offset whose change the list does not reflect.
-
-    Guarantee 1: a committed offset means every change before it is durable — applied (or
-    dead-lettered, or concerning no list). Each valid record `r` of a destination's segment at
-    an offset below its partition's committed offset must therefore show in the list, as `r`
-    itself or as a newer change of the same address (the list may be ahead of the commit:
-    changes are applied before they are committed):
-    - `r` entered: the address is Active with Version >= r.occurred_at (the Version field is
-      the occurred_at of the applied add), or inactive and the stream holds a newer removal;
-    - `r` exited: the address is not Active, or Active with Version > r.occurred_at.
-    Why nothing else can explain a failure, on the streams the suite uses (`ordered=True`: each
-    address's changes are delivered in event-time order, on one partition since the key is the
-    profile id): after a crash the service replays from the committed offset, i.e. only
-    records *above* the commit, which are newer than `r` for `r`'s address; a request still in
-    flight when the process died can land later, but it carries a change at or above the
-    commit too — and the check runs after such requests have settled (the caller waits longer
-    than the simulator's injected latency). So a failure means an offset was committed before
-    its change was applied, or an applied change was later undone by an older one.
-    """
-    problems: Counter[str] = Counter()
-    removals: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for s in sent:
-        r = s.record
-        if r.invalid is None and r.email is not None and r.segment_id and not r.entered:
-            removals[(r.segment_id, r.email)].append(r.occurred_at_ms)
-    for dest in dests:
-        lst = members[dest.name]
-        for s in sent:
-            r = s.record
-            if (
-                r.invalid is not None
-                or r.email is None
-                or r.segment_id != dest.segment_id
-                or s.offset >= committed.get(s.partition, 0)
-            ):
-                continue
-            member = lst.get(r.email)
-            active = member is not None and member.get("State") == "Active"
-            version = version_of(member) if active else None
-            if r.entered:
-                ok = (active and version is not None and version >= r.occurred_at_ms) or (
-                    not active
-                    and any(t > r.occurred_at_ms for t in removals[(r.segment_id, r.email)])
-                )
-            else:
-                ok = not active or (version is not None and version > r.occurred_at_ms)
-            if not ok:
-                kind = "add" if r.entered else "removal"
-                problems[f"{dest.name}: committed {kind} not reflected in the list"] += 1
-    return [f"{n} × {what}" for what, n in problems.items()]
 
 
 @dataclass

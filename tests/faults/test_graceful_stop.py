@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from consumer.devtools.simulator import FaultConfig, SimulatorConfig
+from consumer.membership.changelog import InternalTopics
 from tests.faults.support import (
     API_KEY,
     CHAOS,
@@ -49,9 +50,15 @@ async def test_sigterm_flushes_commits_and_exits_within_the_budget(
         await rig.wait_assigned(proc)
         await rig.produce(records)
 
+        claims_topic = InternalTopics.of_group(rig.group).claims
+
         async def read_everything() -> bool:
+            # The input, and the claims its stage 1 wrote (stage 2 fills the buffers).
             metrics = await proc.metrics()
-            return metrics.value("cmsync_events_consumed_total") >= len(records)
+            if metrics.value("cmsync_events_consumed_total", topic=rig.topic) < len(records):
+                return False
+            claims = sum(end for _, end in (await rig.claims_progress()).values())
+            return metrics.value("cmsync_events_consumed_total", topic=claims_topic) >= claims
 
         await rig.wait_for(read_everything, 60, "the service read the whole stream", [proc])
         applied_before = len(rig.sim.applied_writes())

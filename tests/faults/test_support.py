@@ -11,7 +11,6 @@ from tests.faults.support import (
     Replay,
     Sent,
     change,
-    committed_but_unapplied,
     list_problems,
     out_of_order_writes,
     peak_per_window,
@@ -30,24 +29,6 @@ def member(state: str, version: int | None = None) -> dict[str, object]:
 
 def sent(*records: Produced) -> list[Sent]:
     return [Sent(r, 0, offset) for offset, r in enumerate(records)]
-
-
-def test_committed_but_unapplied_flags_a_commit_past_an_unapplied_change() -> None:
-    add = change("a@example.com", at_ms=T0)
-    newer = change("a@example.com", at_ms=T0 + 10)
-    gone = change("b@example.com", False, at_ms=T0)
-    log = sent(add, newer, gone)
-    ok = {"a@example.com": member("Active", T0 + 10), "b@example.com": member("Deleted")}
-    assert committed_but_unapplied(log, {0: 3}, {"news": ok}, [DEST]) == []
-    # the list shows an older change than one below the commit
-    stale = {**ok, "a@example.com": member("Active", T0)}
-    assert committed_but_unapplied(log, {0: 2}, {"news": stale}, [DEST]) != []
-    assert committed_but_unapplied(log, {0: 1}, {"news": stale}, [DEST]) == []  # not committed
-    # a committed removal not applied
-    kept = {**ok, "b@example.com": member("Active", T0 - 5)}
-    assert committed_but_unapplied(log, {0: 3}, {"news": kept}, [DEST]) != []
-    # a committed add absent from the list, with no newer removal to explain it
-    assert committed_but_unapplied(log, {0: 1}, {"news": {}}, [DEST]) != []
 
 
 def write(endpoint: str, email: str, version: int | None = None, at: float = 0.0) -> AppliedWrite:

@@ -1,0 +1,525 @@
+"""The membership state in the running service: the two stages' partitions, fed by the source
+and feeding the destination buffers (guarantee 2, "lists equal segments").
+
+    input ──► `handle_input` (stage 1) ──► claims topic ──► `handle_claims` (stage 2) ──► buffers
+    (key: profile)                         (key: list+address)                (key: address)
+
+Who calls what: the source calls `handle_input` / `handle_claims` for every fetched batch
+(awaiting each: a batch is checkpointed before the next of its partition is handled), and
+`committable` for the offsets it may commit; the service calls `assign` / `revoke` from the
+rebalance listener, `record_applied` from the flushers (through their ``on_applied``),
+`release` with the positions the buffers hand back, and runs `checkpoint_loop`.
+
+Offsets (guarantee 1). An input offset becomes committable once stage 1's checkpoint covering
+it is acknowledged (claims, then the members changelog: `consumer.membership.stages`), or, for
+an invalid record, once its dead letter is. A claims offset becomes committable once stage 2's
+checkpoint covering it is acknowledged: from then on the desired state is recorded in the
+addresses changelog, and whoever owns the partition next feeds what is owed to its buffers
+again (`assign`), so nothing waits on Campaign Monitor to be committed. What the sync applied
+is recorded (`record_applied`) and checkpointed by `checkpoint_loop` or the next batch.
+
+One writer per address. Every (list, address) has one claims partition, and one process owns
+it. On revocation the owner flushes what it buffers for the partition, waits for the requests
+in flight (within REVOKE_BUDGET_S), drops what is still only buffered (the next owner sends
+it: it is owed in the state), checkpoints and closes the store. Only then does the rebalance
+go on, so the next owner starts after the old one's last write.
+
+Per partition one lock orders the table's mutations and its checkpoint: the store's pending
+writes must be exactly what the checkpoint sends (`PartitionStore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumer import observability as obs
+from consumer.buffer import Change, DestinationBuffer, Entry, Offered, Position, partition_offset
+from consumer.buffer import position as position_of
+from consumer.events import Invalid, decode_fields, parse_email
+from consumer.flusher import Original
+from consumer.intake import Intake
+from consumer.membership import changelog
+from consumer.membership.changelog import InternalTopics
+from consumer.membership.codec import decode_claim
+from consumer.membership.model import Applied, Desired, ProfileChange
+from consumer.membership.stages import Durable, StageOne, StageTwo
+from consumer.rows import Wanted, value_of
+from consumer.settings import Destination
+from consumer.source import ReadAgain
+
+__all__ = ["MembershipState", "Target"]
+
+log = structlog.get_logger("cmsync.state")
+
+#: How long reading one record back may take before a dead letter goes without it.
+READ_BACK_TIMEOUT_MS: Final = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one list's desired states go: its destination's buffer and a way to wake its
+    flusher (a full import is ready)."""
+
+    destination: Destination
+    buffer: DestinationBuffer
+    wake: Callable[[], None]
+
+
+class RecordReader:
+    """Reads single records of one topic back by position (for dead letters, which are rare),
+    one at a time, with a consumer of its own (no group)."""
+
+    def __init__(self, topic: str, consumer: AIOKafkaConsumer) -> None:
+        self._topic = topic
+        self._consumer = consumer
+        self._lock = asyncio.Lock()
+
+    async def read(self, partition: int, offset: int) -> ConsumerRecord[Any, Any] | None:
+        """The record at ``offset``, or None if the partition no longer has it."""
+        tp = TopicPartition(self._topic, partition)
+        async with self._lock:
+            self._consumer.assign([tp])
+            self._consumer.seek(tp, offset)
+            try:
+                batches = await self._consumer.getmany(
+                    tp, timeout_ms=READ_BACK_TIMEOUT_MS, max_records=1
+                )
+            except KafkaError:  # out of range (deleted by retention), or unreachable
+                return None
+            finally:
+                self._consumer.unsubscribe()
+        records = batches.get(tp, [])
+        return records[0] if records and records[0].offset == offset else None
+
+
+@dataclass(slots=True)
+class _Room:
+    """One stage's state of one partition, and the lock of its mutations and checkpoints."""
+
+    stage: StageOne | StageTwo
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: stage 2: what the flushers reported, recorded at the next checkpoint
+    applied: list[tuple[Desired, Applied]] = field(default_factory=list)
+
+
+class MembershipState:
+    """The stages' partitions of this process (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        destinations: Sequence[Destination],
+        topics: InternalTopics,
+        state_dir: Path,
+        producer: AIOKafkaProducer,
+        restorer: AIOKafkaConsumer,
+        reader: AIOKafkaConsumer,
+        input_topic: str,
+        intake: Intake,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.topics = topics
+        self._dir = state_dir
+        self._producer = producer
+        self._restorer = restorer
+        self._restoring = asyncio.Lock()
+        self._input_topic = input_topic
+        self._reader = RecordReader(input_topic, reader)
+        self._intake = intake  # dead letters, and the input offsets' holds (its tracker)
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._targets: dict[str, Target] = {}
+        lists_of: dict[str, list[str]] = {}
+        self._email_field: dict[str, str] = {}  # segment -> profile field of the address
+        fields_of: dict[str, dict[str, None]] = {}  # segment -> profile fields its lists map
+        self._names_of: dict[str, str] = {}  # segment -> its destinations' names, for letters
+        self._fields_of_list: dict[str, list[str]] = {}  # list -> profile fields it maps
+        for dest in destinations:
+            mapped = [f for _, f in dest.custom_fields]
+            if dest.name_field:
+                mapped.append(dest.name_field)
+            self._fields_of_list[dest.list_id] = mapped
+            for segment in dest.segment_ids:
+                lists_of.setdefault(segment, []).append(dest.list_id)
+                self._email_field[segment] = dest.email_field  # one per segment (check-config)
+                fields_of.setdefault(segment, {}).update(dict.fromkeys(mapped))
+                names = self._names_of.get(segment)
+                self._names_of[segment] = dest.name if names is None else f"{names},{dest.name}"
+        self._lists_of = lists_of
+        self._fields_of = {segment: tuple(f) for segment, f in fields_of.items()}
+        self._members: dict[int, _Room] = {}
+        self._addresses: dict[int, _Room] = {}
+        self._claims_done: dict[int, int] = {}  # claims partition -> offset after the last
+        self._claims_written: dict[int, int] = {}  # claims partition -> after the last we wrote
+        self._in_buffers: dict[int, int] = {}  # claims partition -> positions held in buffers
+        self.restoring = False
+
+    def set_targets(self, targets: Iterable[Target]) -> None:
+        """The buffers the desired states go to, by list."""
+        self._targets = {t.destination.list_id: t for t in targets}
+
+    # ---------------------------------------------------------------- stage 1
+
+    async def handle_input(
+        self, partition: int, records: Sequence[ConsumerRecord[Any, Any]]
+    ) -> None:
+        """Decide one fetched batch of an input partition and checkpoint it; then its offsets
+        are committable (invalid records' once their dead letters are acknowledged).
+
+        Raises `KafkaError` when the checkpoint failed, `ReadAgain` when the partition is not
+        (or no longer) restored here: nothing of the batch was kept, and the caller reads it
+        again from its first offset."""
+        if not records:
+            return
+        room = await self._room(self._members, partition)
+        stage = room.stage
+        assert isinstance(stage, StageOne)
+        letters: list[tuple[ConsumerRecord[Any, Any], str, str, str | None]] = []
+        undecodable = late = skipped = 0
+        invalid_reasons: dict[str, int] = {}
+        email_field, fields_of = self._email_field, self._fields_of
+        async with room.lock:
+            for record in records:
+                event = decode_fields(record.value or b"")
+                if isinstance(event, Invalid):
+                    undecodable += 1
+                    letters.append((record, event.code, event.detail, None))
+                    invalid_reasons[event.code] = invalid_reasons.get(event.code, 0) + 1
+                    continue
+                _, segment_id, entered, occurred_at_ms, profile = event
+                field_name = email_field.get(segment_id)
+                if field_name is None:
+                    skipped += 1
+                    continue
+                address = None
+                if entered:
+                    raw = profile.get(field_name)
+                    address = parse_email(raw)
+                    if address is None:
+                        code = "missing_email" if raw is None else "invalid_email"
+                        detail = f"profile field {field_name!r} is missing or not an email address"
+                        letters.append((record, code, detail, self._names_of[segment_id]))
+                        invalid_reasons[code] = invalid_reasons.get(code, 0) + 1
+                        continue
+                profile_id = profile["id"]
+                assert isinstance(profile_id, str)  # the schema says so
+                mapped = {f: profile[f] for f in fields_of[segment_id] if f in profile}
+                change = ProfileChange(
+                    segment_id, profile_id, entered, occurred_at_ms, record.offset, address, mapped
+                )
+                if not stage.apply(change).accepted:
+                    late += 1
+            try:
+                written = await stage.checkpoint()
+            except KafkaError:
+                obs.state_checkpoint_failures.labels(store="members").inc()
+                raise
+        claims_written = self._claims_written
+        for q, last in written.items():
+            claims_written[q] = max(claims_written.get(q, 0), last + 1)
+        # Tracked only now: a failed checkpoint above leaves nothing behind to read again.
+        track = self._intake.tracker.track
+        lettered = {letter[0].offset for letter in letters}
+        for record in records:
+            track(partition, record.offset, 1 if record.offset in lettered else 0)
+        for record, code, detail, destination in letters:
+            self._intake.dead_letter(record, partition, code, detail, destination)
+        obs.events_decoded.labels(topic=records[0].topic).inc(len(records) - undecodable)
+        for reason, n in invalid_reasons.items():
+            obs.events_invalid.labels(reason=reason).inc(n)
+        if skipped:
+            obs.events_skipped.labels(reason="no_destination").inc(skipped)
+        if late:
+            obs.events_skipped.labels(reason="late").inc(late)
+
+    # ---------------------------------------------------------------- stage 2
+
+    async def handle_claims(
+        self, partition: int, records: Sequence[ConsumerRecord[Any, Any]]
+    ) -> None:
+        """Take one fetched batch of a claims partition, checkpoint it, and offer the desired
+        states it changed to their buffers; then its offsets are committable.
+
+        Raises as `handle_input` does (the caller reads the batch again)."""
+        if not records:
+            return
+        room = await self._room(self._addresses, partition)
+        stage = room.stage
+        assert isinstance(stage, StageTwo)
+        changed: list[tuple[Desired, int, int]] = []
+        async with room.lock:
+            for record in records:
+                claim = decode_claim(record.key, record.value)
+                desired = stage.apply(claim)
+                if desired is not None:
+                    changed.append((desired, claim.version[0], record.offset))
+            await self._checkpoint_two(room)
+        self._claims_done[partition] = records[-1].offset + 1
+        self._offer(partition, changed)
+
+    def _offer(self, partition: int, changed: Iterable[tuple[Desired, int, int]]) -> None:
+        now = self._clock()
+        targets = self._targets
+        held = 0
+        woken: set[str] = set()
+        late = 0
+        for desired, occurred_at_ms, offset in changed:
+            target = targets.get(desired.list_id)
+            if target is None:  # a list no destination writes any more
+                continue
+            revision = desired.revision
+            outcome, done = target.buffer.offer(
+                Change(
+                    desired.address,
+                    desired.active,
+                    revision,  # the buffer orders by it: revisions grow per (list, address)
+                    revision,
+                    revision,
+                    Wanted(desired, occurred_at_ms),
+                    position_of(partition, offset),
+                ),
+                now,
+            )
+            held += 1 - len(done)
+            if outcome is Offered.LATE:
+                late += 1
+            if target.buffer.full_import_ready():
+                woken.add(desired.list_id)
+        self._in_buffers[partition] = self._in_buffers.get(partition, 0) + held
+        for list_id in woken:
+            targets[list_id].wake()
+        if late:
+            obs.events_skipped.labels(reason="late").inc(late)
+
+    def release(self, positions: Iterable[Position]) -> None:
+        """The buffers let go of these positions (entries completed, dropped or late)."""
+        in_buffers = self._in_buffers
+        for held in positions:
+            partition = partition_offset(held)[0]
+            if partition in in_buffers:
+                in_buffers[partition] -= 1
+        self._intake.notify()
+
+    def record_applied(self, entries: Sequence[Entry], outcome: Applied) -> None:
+        """What the flushers did (their ``on_applied``): recorded at the next checkpoint of the
+        entries' partitions. Entries of a partition this process gave up are ignored (the new
+        owner applies the state again if it is still owed: the same write, twice)."""
+        for entry in entries:
+            payload = entry.change.payload
+            if not isinstance(payload, Wanted):
+                continue
+            room = self._addresses.get(partition_offset(entry.change.position)[0])
+            if room is not None:
+                room.applied.append((payload.desired, outcome))
+
+    async def mark_sending(self, entries: Sequence[Entry]) -> list[Entry] | None:
+        """Record durably, before a batch is sent, that its writes are under way (the flushers'
+        ``before_send``): a process that dies with them in flight leaves them owed, so the
+        next owner sends them again instead of trusting what was last recorded. Returns the
+        entries to send: not those of partitions this process gave up (their next owner sends
+        them); None when a checkpoint failed (nothing is sent now)."""
+        by_room: dict[int, list[Desired]] = {}
+        allowed: list[Entry] = []
+        for entry in entries:
+            payload = entry.change.payload
+            partition = partition_offset(entry.change.position)[0]
+            if isinstance(payload, Wanted) and partition in self._addresses:
+                by_room.setdefault(partition, []).append(payload.desired)
+                allowed.append(entry)
+        for partition, desired in by_room.items():
+            room = self._addresses.get(partition)
+            if room is None:  # given up while an earlier room checkpointed
+                return None
+            async with room.lock:
+                room.applied += [(d, Applied.SENDING) for d in desired]
+                try:
+                    await self._checkpoint_two(room)
+                except KafkaError:
+                    return None
+        return allowed
+
+    async def _checkpoint_two(self, room: _Room) -> None:
+        """Record what was applied, then checkpoint (the room's lock held)."""
+        stage = room.stage
+        assert isinstance(stage, StageTwo)
+        applied, room.applied = room.applied, []
+        for desired, outcome in applied:
+            stage.record_applied(desired, outcome)
+        try:
+            await stage.checkpoint()
+        except KafkaError:
+            obs.state_checkpoint_failures.labels(store="addresses").inc()
+            raise
+
+    async def checkpoint_loop(self, interval_s: float) -> None:
+        """Checkpoint what the flushers applied, every ``interval_s`` (a failure is retried
+        at the next tick: the records are only the sync's own history)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.checkpoint_applied()
+
+    async def checkpoint_applied(self) -> None:
+        for room in list(self._addresses.values()):
+            if room.applied:
+                async with room.lock:
+                    with contextlib.suppress(KafkaError):
+                        await self._checkpoint_two(room)
+
+    async def original(self, entry: Entry) -> Original:
+        """A dead letter's key, value and source for an entry (the flushers' ``original``):
+        the input record of the change behind its desired state, read back from the input
+        topic; if the topic no longer has it (retention), the state's view of it (the list,
+        the revision and the profile as the state keeps it)."""
+        payload = entry.change.payload
+        assert isinstance(payload, Wanted)
+        origin = payload.desired.origin
+        if origin is None:  # a removal: no member holds the address
+            return None, value_of(entry), f"{self.topics.claims}/{entry.change.position}"
+        source = f"{self._input_topic}/{origin.partition}/{origin.offset}"
+        record = await self._reader.read(origin.partition, origin.offset)
+        if record is None:
+            return origin.profile_id.encode(), value_of(entry), source
+        return record.key, record.value or b"", source
+
+    # ---------------------------------------------------------------- offsets
+
+    def committable(self, topic: str, partition: int) -> int | None:
+        if topic == self.topics.claims:
+            return self._claims_done.get(partition)
+        return self._intake.tracker.committable(partition)
+
+    def claims_unread(self) -> int:
+        """Claims this process wrote that it has not taken into stage 2 yet (those of its own
+        claims partitions; for the ones other processes own, see their own count)."""
+        done = self._claims_done
+        return sum(
+            max(0, end - done.get(q, 0))
+            for q, end in self._claims_written.items()
+            if q in self._addresses
+        )
+
+    def in_buffers(self, partitions: Iterable[int] | None = None) -> int:
+        """Positions of these claims partitions (or all) still held in buffers."""
+        if partitions is None:
+            return sum(self._in_buffers.values())
+        return sum(self._in_buffers.get(p, 0) for p in partitions)
+
+    # ---------------------------------------------------------------- rebalance
+
+    async def assign(self, inputs: Iterable[int], claims: Iterable[int]) -> None:
+        """Restore the stores of newly assigned partitions from their changelogs (all at once),
+        then feed the desired states owed by the claims partitions to the buffers."""
+        members, addresses = self.topics.members_changelog, self.topics.addresses_changelog
+        paths = {
+            TopicPartition(members, p): self._dir / "members" / str(p)
+            for p in inputs
+            if p not in self._members
+        }
+        paths.update(
+            {
+                TopicPartition(addresses, q): self._dir / "addresses" / str(q)
+                for q in claims
+                if q not in self._addresses
+            }
+        )
+        if not paths:
+            return
+        remaining, restored = obs.state_restore_remaining, obs.state_restored_records
+        read = 0
+
+        def progress(done: int, left: int | None) -> None:
+            nonlocal read
+            restored.inc(done - read)
+            read = done
+            remaining.set(done if left is None else left)
+
+        self.restoring = True
+        started = time.monotonic()
+        try:
+            async with self._restoring:
+                stores = await changelog.restore_all(self._restorer, paths, progress=progress)
+                now_ms = int(self._wall_clock() * 1000)
+                for tp, store in stores.items():
+                    durable = Durable(tp.partition, store, self._producer, tp.topic)
+                    if tp.topic == members:
+                        stage_one = StageOne(
+                            durable, self._lists_of, self.topics.claims, self._fields_of_list
+                        )
+                        self._members[tp.partition] = _Room(stage_one)
+                        continue
+                    stage_two = StageTwo(durable)
+                    self._addresses[tp.partition] = _Room(stage_two)
+                    self._in_buffers.setdefault(tp.partition, 0)
+                    self._offer(
+                        tp.partition, ((d, now_ms, 0) for d in stage_two.owed(self._targets))
+                    )
+        finally:
+            self.restoring = False
+            remaining.set(0)
+        log.info(
+            "state_restored",
+            partitions=len(paths),
+            records=read,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _room(self, rooms: dict[int, _Room], partition: int) -> _Room:
+        """The room of a partition, once its restore is done; `ReadAgain` if it is not ours
+        (records fetched while a rebalance took it away)."""
+        room = rooms.get(partition)
+        if room is None:
+            async with self._restoring:  # records may arrive before the restore ends
+                room = rooms.get(partition)
+        if room is None:
+            raise ReadAgain(f"partition {partition} is not restored here")
+        return room
+
+    async def revoke_inputs(self, partitions: Iterable[int]) -> None:
+        """Close the stage 1 stores of revoked input partitions (nothing is pending: every
+        batch is checkpointed before the next)."""
+        for p in partitions:
+            room = self._members.pop(p, None)
+            if room is not None:
+                async with room.lock:
+                    room.stage.state.store.close()
+
+    async def revoke_claims(self, partitions: Iterable[int]) -> None:
+        """Give up claims partitions: drop what the buffers still hold of them that is not in
+        flight (the next owner feeds it again from the state), record what was applied,
+        checkpoint, close. Call once the flushers had their chance to send it and the requests
+        in flight are done."""
+        partitions = set(partitions)
+
+        def doomed(entry: Entry) -> bool:
+            return partition_offset(entry.change.position)[0] in partitions
+
+        for target in self._targets.values():
+            self.release(target.buffer.discard(doomed))
+        for q in partitions:
+            room = self._addresses.pop(q, None)
+            self._claims_done.pop(q, None)
+            self._in_buffers.pop(q, None)
+            if room is None:
+                continue
+            async with room.lock:
+                try:
+                    await self._checkpoint_two(room)
+                except KafkaError as exc:  # the next owner applies what is owed once more
+                    log.warning("revocation_checkpoint_failed", error=type(exc).__name__)
+                room.stage.state.store.close()
+
+    async def close(self) -> None:
+        """Shutdown: checkpoint what was applied, close every store."""
+        await self.revoke_inputs(list(self._members))
+        await self.revoke_claims(list(self._addresses))
