@@ -28,8 +28,17 @@ async def test_demo_syncs_and_verifies_every_list() -> None:
     text = out.decode()
     assert proc.returncode == 0, text[-3000:]
     assert "every list matches" in text
-    for name in ("vip-newsletter", "vip-offers", "winback", "weekly-digest"):
+    for name in ("vip-newsletter", "vip-offers", "winback", "weekly-digest", "vip-or-lapsed"):
         assert re.search(rf"{name}\s+\d+ active\s+\d+ inactive\s+matches", text), text[-3000:]
     produced = int(re.search(r"events produced\s+(\d+)", text).group(1))  # type: ignore[union-attr]
     assert produced > 4000 * 0.8
     assert "unsubscribed themselves" in text
+    assert "service stopped and started again" in text
+    # The stream has guarantee 2's hard cases, late events across the restart among them.
+    for pattern in (
+        r"address changes\s+[1-9]\d*",
+        r"shared addresses\s+[1-9]\d*",
+        r"late events\s+\d+ ignored .*, [1-9]\d* of them after the restart",
+        r"two-segment list\s+vip-or-lapsed .*: [1-9]\d* addresses held, [1-9]\d* of them",
+    ):
+        assert re.search(pattern, text), (pattern, text[-3000:])

@@ -3,13 +3,20 @@
 1. start the bundled broker (unless CMSYNC_KAFKA_BOOTSTRAP_SERVERS is set) and the Campaign
    Monitor simulator (unless CMSYNC_CM_BASE_URL is set; then CMSYNC_DEMO_LISTS must name the
    list IDs to use, and the demo needs the simulator's /_sim/ admin API for its counters);
-2. create the topics and produce the first part of a synthetic stream;
+2. create the topics and produce the first part of a synthetic stream: entries, exits,
+   updates, duplicates, late events, invalid records, profiles moving to a new address while in
+   a segment, addresses shared by several profiles (households), and a list fed by two segments;
 3. run the real service on it, in this process, with a live progress line, until every
    produced record is committed and every buffer is empty;
-4. as some people would, unsubscribe a few of them in Campaign Monitor itself;
-5. produce the rest of the stream (re-entries of those people among it) and sync again;
+4. stop the service (gracefully), and while it is down, as some people would, unsubscribe a few
+   of them in Campaign Monitor itself;
+5. start a new service (a restart: its state directory is a fresh temporary one unless
+   CMSYNC_STATE_DIR says otherwise, so it restores the membership state from its changelog
+   topics), produce the rest of the stream (re-entries of those people among it, and late
+   events older than changes applied before the restart) and sync again;
 6. read every list back through the API and compare it with the state computed independently
-   from the generated events; print a summary; exit 0 only if every list matches.
+   from the generated events (`synthetic.expected_list`); print a summary; exit 0 only if every
+   list matches.
 
 Built on the rig (`consumer.devtools.rig`): its standard workload (`DEMO_DESTINATIONS`,
 `DEMO_SEGMENTS`), destinations file, producer, in-process runner and list comparison.
@@ -50,14 +57,20 @@ from consumer.devtools.simulator import Simulator, SimulatorConfig, serve
 from consumer.devtools.synthetic import (
     Produced,
     StreamGenerator,
-    expected_state,
+    expected_list,
     fewest_requests,
+    replay,
+    stream_facts,
 )
 from consumer.settings import ConfigError, Settings, load_settings
 
 DEMO_KEY = "demo-api-key-not-a-secret"
 PARTITIONS = 6
 DESTINATIONS = DEMO_DESTINATIONS
+#: The stream's hard cases of guarantee 2 (see `StreamGenerator`).
+ADDRESS_CHANGE_RATE = 0.05
+HOUSEHOLD_RATE = 0.06
+STRAGGLER_RATE = 0.01
 
 
 # ------------------------------------------------------------------------------- the run
@@ -69,6 +82,7 @@ class DemoRun:
     seed: int
     rate_limit_rps: float
     records: list[Produced] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # per record, its Kafka offset
     split: int = 0
     self_unsubscribed: dict[str, set[str]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -84,15 +98,16 @@ async def _produce(
     records: Sequence[Produced],
     kafka: dict[str, Any],
     ends: dict[int, int],
-) -> None:
+) -> list[int]:
     """Produce; `ends` (per partition, the offset after the last record written) is raised
-    from the broker's acknowledgements (see `rig.produce`)."""
+    from the broker's acknowledgements (see `rig.produce`). Returns each record's offset."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all", **kafka)
     await producer.start()
     try:
-        await produce(producer, topic, ((r.key, r.value) for r in records), ends)
+        placed = await produce(producer, topic, ((r.key, r.value) for r in records), ends)
     finally:
         await producer.stop()
+    return [offset for _, offset in placed]
 
 
 def _progress_line(label: str) -> Callable[[Progress], None]:
@@ -251,7 +266,14 @@ async def run_demo(args: argparse.Namespace) -> int:
         await create_topics(bootstrap, {topic: PARTITIONS, settings.kafka.dlq_topic: 1}, **kafka)
 
         profiles = max(100, args.events // 4)
-        gen = StreamGenerator(seed=run.seed, profiles=profiles, segments=DEMO_SEGMENTS)
+        gen = StreamGenerator(
+            seed=run.seed,
+            profiles=profiles,
+            segments=DEMO_SEGMENTS,
+            address_change_rate=ADDRESS_CHANGE_RATE,
+            household_rate=HOUSEHOLD_RATE,
+            straggler_rate=STRAGGLER_RATE,
+        )
         run.records = gen.generate()
         run.split = int(len(run.records) * 0.7)
         _print(
@@ -262,22 +284,29 @@ async def run_demo(args: argparse.Namespace) -> int:
 
         session = await stack.enter_async_context(aiohttp.ClientSession())
         client = CampaignMonitorClient(base_url, ApiKey(api_key), session=session)
-        service = InProcessService(settings)
+        running: InProcessService | None = None  # the service to stop if anything fails
         try:
             t0 = time.monotonic()
             ends: dict[int, int] = {}
-            await _produce(bootstrap, topic, run.records[: run.split], kafka, ends)
-            await service.wait_synced(ends, every_s=0.2, progress=_progress_line("part 1"))
+            running = first = InProcessService(settings)
+            run.offsets = await _produce(bootstrap, topic, run.records[: run.split], kafka, ends)
+            await first.wait_synced(ends, every_s=0.2, progress=_progress_line("part 1"))
+            # A restart: the late events of part 2 are older than changes applied before it.
+            running = None
+            await first.stop(settings.shutdown_budget_s + 5)
             n_unsub = await _self_unsubscribe(
                 client, session, base_url, run, list_ids, random.Random(run.seed)
             )
             _print(f"people      {n_unsub} unsubscribed themselves in Campaign Monitor")
-            await asyncio.sleep(settings.consent_refresh_s + 0.5)
-            await _produce(bootstrap, topic, run.records[run.split :], kafka, ends)
-            await service.wait_synced(ends, every_s=0.2, progress=_progress_line("part 2"))
+            kept = settings.state_dir or "none kept: a fresh one, restored from the changelogs"
+            _print(f"restart     service stopped and started again (state directory: {kept})")
+            running = second = InProcessService(settings)
+            run.offsets += await _produce(bootstrap, topic, run.records[run.split :], kafka, ends)
+            await second.wait_synced(ends, every_s=0.2, progress=_progress_line("part 2"))
             duration = time.monotonic() - t0
         finally:
-            await service.stop(settings.shutdown_budget_s + 5)
+            if running is not None:
+                await running.stop(settings.shutdown_budget_s + 5)
         return await _verify_and_report(run, client, list_ids, settings, duration)
 
 
@@ -292,17 +321,22 @@ async def _verify_and_report(
     ok = True
     rows = []
     floor_imports = floor_removals = 0
+    # The profile fields the service keeps and writes (every demo list maps the same ones).
+    written = {"full_name", *(f for d in DESTINATIONS for f in d.custom_fields.values())}
     for d in DESTINATIONS:
-        expected = expected_state(
+        segments = (d.segment_id, *d.more_segments)
+        expected = expected_list(
             run.records,
-            d.segment_id,
+            segments,
+            offsets=run.offsets,
             self_unsubscribed=run.self_unsubscribed.get(d.name, set()),
             unsubscribed_at=run.split,
             resubscribe=d.resubscribe,
+            written_fields=written,
         )
         members = await _read_list(client, list_ids[d.name])
-        problems = compare(expected, members)
-        imports, removals = fewest_requests(run.records, d.segment_id)
+        problems = compare(expected, members, d.custom_fields)
+        imports, removals = fewest_requests(run.records, segments, offsets=run.offsets)
         floor_imports += imports
         floor_removals += removals
         ok &= not problems
@@ -313,6 +347,18 @@ async def _verify_and_report(
     unique = {(r.segment_id, r.email, r.occurred_at_ms, r.entered) for r in valid}
     invalid = Counter(r.invalid for r in run.records if r.invalid)
     dead = int(_counter_total(obs.dead_letters))
+    routed = {s for d in DESTINATIONS for s in (d.segment_id, *d.more_segments)}
+    facts = stream_facts(run.records, routed, after=run.split, offsets=run.offsets)
+    union_lines = []
+    for d in DESTINATIONS:
+        if d.more_segments:
+            segments = (d.segment_id, *d.more_segments)
+            holders = replay(run.records, segments, offsets=run.offsets).holders()
+            both = sum(1 for held in holders.values() if len({s for s, _ in held}) > 1)
+            union_lines.append(
+                f"{d.name} ({' + '.join(segments)}): {len(holders)} addresses held, "
+                f"{both} of them through both segments"
+            )
     _print("")
     _print("lists")
     for row in rows:
@@ -323,6 +369,17 @@ async def _verify_and_report(
     _print(f"  unique changes      {len(unique)} (the rest are duplicates)")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(invalid.items()))
     _print(f"  dead-lettered       {dead} ({reasons})")
+    _print(
+        f"  address changes     {facts.address_changes} "
+        "(a profile moved to a new address while in a segment)"
+    )
+    _print(f"  shared addresses    {facts.shared_addresses} (named by several profiles)")
+    _print(
+        f"  late events         {facts.late} ignored (older than the change applied), "
+        f"{facts.late_across} of them after the restart, older than a change from before it"
+    )
+    for line in union_lines:
+        _print(f"  two-segment list    {line}")
     _print(
         f"  requests            import {requests['import']} (fewest possible {floor_imports}), "
         f"removals {requests['delete'] + requests['unsubscribe']} "
