@@ -420,6 +420,9 @@ class MembershipState:
     async def assign(self, inputs: Iterable[int], claims: Iterable[int]) -> None:
         """Restore the stores of newly assigned partitions from their changelogs (all at once),
         then feed the desired states owed by the claims partitions to the buffers."""
+        claims = list(claims)
+        for q in [q for q in self._claims_done if q not in claims]:
+            del self._claims_done[q]  # no longer ours (see `revoke_claims`)
         members, addresses = self.topics.members_changelog, self.topics.addresses_changelog
         paths = {
             TopicPartition(members, p): self._dir / "members" / str(p)
@@ -508,7 +511,8 @@ class MembershipState:
             self.release(target.buffer.discard(doomed))
         for q in partitions:
             room = self._addresses.pop(q, None)
-            self._claims_done.pop(q, None)
+            # `_claims_done` stays until the next assignment: the source commits the revoked
+            # partitions after this, from `committable`.
             self._in_buffers.pop(q, None)
             if room is None:
                 continue

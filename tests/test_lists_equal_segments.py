@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from consumer.app import Service
+from consumer.devtools.rig import InProcessService
 from tests.harness import Dest, SyncHarness, event, running
 
 T0 = 1_764_417_600_000  # 2025-11-29T12:00:00Z
@@ -163,3 +164,39 @@ async def test_two_replicas_keep_one_list_exact(kafka_bootstrap: str, tmp_path: 
         finally:
             other.stop()
             await asyncio.wait_for(task, 30)
+
+
+async def test_a_replay_into_an_empty_state_gives_the_same_lists(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The whole topic read again by a new group (an empty state) leaves every list as the
+    first group left it: address changes, households and late events included."""
+    stream = [
+        event("a@example.com", profile_id="p1", at_ms=T0),
+        event("home@example.com", profile_id="p2", at_ms=T0),
+        event("home@example.com", profile_id="p3", at_ms=T0 + 1),
+        event("b@example.com", profile_id="p1", at_ms=T0 + 10),  # p1 moves
+        event("home@example.com", "exited", profile_id="p2", at_ms=T0 + 20),
+        event("c@example.com", profile_id="p4", at_ms=T0 + 30),
+        event("c@example.com", "exited", profile_id="p4", at_ms=T0 + 5),  # late: ignored
+    ]
+    dest = Dest("news", "seg-a", more_segments=("seg-b",))
+    async with SyncHarness(kafka_bootstrap, tmp_path, [dest]) as h:
+        async with running(h):
+            await h.produce(stream)
+            await h.wait_synced()
+
+        def shown() -> dict[str, tuple[object, ...]]:
+            return {
+                address: (m["State"], m.get("Name"), str(m.get("CustomFields")))
+                for address, m in h.members("news").items()
+            }
+
+        first = shown()
+        assert h.active("news") == {"b@example.com", "home@example.com", "c@example.com"}
+        replay = InProcessService(h.settings(CMSYNC_KAFKA_GROUP_ID=f"{h.group}-replay"))
+        try:
+            await replay.wait_synced(dict(h.ends), within_s=60)
+        finally:
+            await replay.stop()
+        assert shown() == first

@@ -157,8 +157,9 @@ def stream(
 ) -> list[Produced]:
     """A synthetic stream whose profiles carry `version` = occurred_at (see `StreamGenerator`).
 
-    `ordered` (the default) keeps each address's changes in event-time order: the stream for
-    which lists stay exact across restarts and rebalances (docs/architecture.md, known limits).
+    `ordered` (the default) delivers each (profile, segment)'s changes in event-time order: the
+    stream `out_of_order_writes` needs (its Version check reads the order of the writes);
+    `ordered=False` adds late events, which the membership state ignores durably.
     """
     gen = StreamGenerator(
         seed=seed,
