@@ -639,21 +639,35 @@ async def wait_committed(
     *,
     within_s: float,
     every_s: float = 0.25,
+    settle_s: float = 1.5,
 ) -> None:
-    """Until the services' /metrics show every partition of `topic` committed up to `ends`
-    (per partition, the furthest any of them committed); fails if a service exits."""
+    """Until everything produced is through: the services' /metrics show every partition of
+    `topic` committed up to `ends` (per partition, the furthest any of them committed), and
+    no lag (the input and the membership state's claims topic) and no pending change in any
+    of them, for `settle_s` in a row (the lag gauge is refreshed every second: a claims
+    partition written to just before could still show its old end). Fails if a service
+    exits. (Committed no longer means applied: it means recorded in the membership state.)"""
+    quiet_since: list[float] = []
 
-    async def all_committed() -> bool:
+    async def through() -> bool:
         done: dict[int, int] = {}
+        busy = 0.0
         for service in services:
-            for p, offset in (await service.metrics()).committed_offsets(topic).items():
+            metrics = await service.metrics()
+            for p, offset in metrics.committed_offsets(topic).items():
                 done[p] = max(done.get(p, 0), offset)
-        return all(done.get(p, 0) >= end for p, end in ends.items())
+            busy += metrics.value("cmsync_consumer_lag") + metrics.value("cmsync_pending_changes")
+        if busy or not all(done.get(p, 0) >= end for p, end in ends.items()):
+            quiet_since.clear()
+            return False
+        if not quiet_since:
+            quiet_since.append(time.monotonic())
+        return time.monotonic() - quiet_since[0] >= settle_s
 
     await wait_until(
-        all_committed,
+        through,
         within_s=within_s,
         every_s=every_s,
-        what="all offsets committed",
+        what="everything produced applied",
         watch=services,
     )
