@@ -190,7 +190,7 @@ async def run(
             "≤ 1.20",
             at_most(elapsed / (floor / rate), 1.2),
         ),
-        Figure("time until every offset committed", t_committed - t0, "s"),
+        Figure("time until everything was through", t_committed - t0, "s"),
         Figure("429 responses", sim.throttled()),
         Figure(
             "lists match the expected state",
