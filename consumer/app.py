@@ -162,7 +162,7 @@ class Service:
                 consent=Consent(dest, gateway, refresh_s=s.consent_refresh_s),
                 dead_letters=self._dlq,
                 release=state.release,
-                source_topic=self.topics.claims,
+                source_topic=s.kafka.topic,
                 on_applied=state.record_applied,
                 original=state.original,
                 before_send=state.mark_sending,

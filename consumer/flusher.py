@@ -31,7 +31,7 @@ from typing import Final, Protocol
 import structlog
 
 from consumer import observability as obs
-from consumer.buffer import Batch, DestinationBuffer, Entry, Position, partition_offset
+from consumer.buffer import Batch, DestinationBuffer, Entry, Position
 from consumer.campaign_monitor.client import (
     ImportResult,
     RecordRejected,
@@ -42,7 +42,7 @@ from consumer.deadletter import DeadLetter
 from consumer.gateway import RemovalMode
 from consumer.membership.model import Applied
 from consumer.membership.normalise import normalise_address
-from consumer.rows import event_time_ms, key_of, row_of, value_of
+from consumer.rows import event_time_ms, row_of, view_of
 from consumer.settings import Destination
 from consumer.tuning import (
     BATCHES_IN_FLIGHT,
@@ -106,7 +106,8 @@ class DestinationFlusher:
     ``on_applied(entries, outcome)`` learns what each completed entry did to the list (the
     membership state records it), before their positions are released; dead-lettered entries
     are reported as REJECTED. ``original(entry)`` gives a dead letter its key, value and source
-    (default: the record the entry kept, at ``source_topic``). ``before_send(entries)`` is
+    (default: the state's view of it, `rows.view_of`, its source in ``source_topic``, the
+    input). ``before_send(entries)`` is
     awaited before a batch is sent (the membership state records durably that the writes are
     under way) and says which entries to send (the others are dropped: no longer this
     process's to write); None sends nothing now: the batch goes back to the buffer and is
@@ -290,18 +291,10 @@ class DestinationFlusher:
             return 0, 0
         rows: list[SubscriberRow] = []
         by_email: dict[str, Entry] = {}
-        undecodable: list[Entry] = []
         for entry in to_send:
             row = row_of(dest, entry)
-            if row is None:
-                undecodable.append(entry)
-                continue
             rows.append(row)
             by_email[row.email] = entry
-        if undecodable:  # cannot happen for bytes that decoded once; kept safe rather than sorry
-            await self._dead_letter(undecodable, "internal", "event no longer decodes", None)
-        if not rows:
-            return 0, len(undecodable)
         try:
             result = await self._gateway.import_subscribers(
                 dest.list_id, rows, resubscribe=dest.resubscribe != "never", destination=dest.name
@@ -310,7 +303,7 @@ class DestinationFlusher:
             # The whole import was refused for a reason retrying cannot fix: keep the records.
             bad = list(by_email.values())
             await self._dead_letter(bad, "cm_rejected", "import refused", exc.code)
-            return 0, len(bad) + len(undecodable)
+            return 0, len(bad)
         failed: dict[int, list[Entry]] = {}
         for failure in result.failures:
             rejected_entry = by_email.pop(normalise_address(failure.email), None)
@@ -321,7 +314,7 @@ class DestinationFlusher:
         applied = list(by_email.values())
         self._complete(applied, applied=True, outcome=Applied.ACTIVE)
         obs.applied_changes.labels(destination=dest.name, kind="add").inc(len(applied))
-        return len(applied), sum(map(len, failed.values())) + len(undecodable)
+        return len(applied), sum(map(len, failed.values()))
 
     async def _send_removals(self, entries: list[Entry]) -> tuple[int, int]:
         """Remove the addresses, all calls at once (the gateway lets a few run, the limiter
@@ -398,5 +391,4 @@ class DestinationFlusher:
         self._complete(entries, applied=False)
 
     async def _record_original(self, entry: Entry) -> Original:
-        partition, offset = partition_offset(entry.change.position)
-        return key_of(entry), value_of(entry), f"{self._source_topic}/{partition}/{offset}"
+        return view_of(entry, self._source_topic)

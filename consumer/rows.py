@@ -1,115 +1,66 @@
-"""What a buffered change keeps of its record, and the import row rebuilt from it at flush time.
-
-Two kinds of payload: the record itself (`Payload`, built by `payload_of`, for changes taken
-from the input as they are) and `Wanted` (a desired state decided by the membership state, the
-service's path). The flusher rebuilds the import row with `row_of`, reads the event time with
-`event_time_ms` and, when it dead-letters a change, the key and value with `key_of` /
-`value_of`.
+"""What a buffered change carries (`Wanted`: a desired state of the membership state), and
+what the flusher makes of it: the import row (`row_of`), the event time (`event_time_ms`, for
+freshness) and, when Campaign Monitor refuses it, the state's view of it (`view_of`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
 
 import orjson
 
 from consumer.buffer import Entry
 from consumer.campaign_monitor.client import CustomField, SubscriberRow
-from consumer.events import MembershipChange, ProfileValue, decode
+from consumer.events import ProfileValue
 from consumer.membership.model import Desired
 from consumer.settings import Destination
 
-__all__ = [
-    "Payload",
-    "Wanted",
-    "build_row",
-    "event_time_ms",
-    "key_of",
-    "payload_of",
-    "row_of",
-    "value_of",
-]
+__all__ = ["Wanted", "build_row", "event_time_ms", "row_of", "view_of", "wanted"]
 
 
 @dataclass(frozen=True, slots=True)
 class Wanted:
-    """The payload of a change decided by the membership state: the desired state of its
-    (list, address), and the event time of the change that made it (freshness; for a state
-    owed after a restore, the time it was restored)."""
+    """The payload of a buffered change: the desired state of its (list, address), and the
+    event time of the change that made it (freshness; for a state owed after a restore, the
+    time it was restored)."""
 
     desired: Desired = field(repr=False)
     occurred_at_ms: int
 
 
-#: What a buffer entry keeps of its event, as the change's payload: the record's original value
-#: (to rebuild the row at flush time, which keeps memory per pending change small, and for the
-#: dead-letter topic), and its key only when that is not the profile's id encoded in UTF-8, as
-#: the contract has it: then the payload is the value alone, and the key is read back from it
-#: when a dead letter needs it. Otherwise a (key, value) tuple. Bytes and a tuple of bytes are
-#: objects the cyclic garbage collector does not track: hundreds of thousands of them sit in
-#: the buffers, and every tracked object is traversed again at each full collection.
-Payload = bytes | tuple[bytes | None, bytes]
-
-
-def payload_of(key: bytes | None, value: bytes, profile_id: object) -> Payload:
-    """The payload to keep for a record whose event has this profile id (hot path: no decode)."""
-    if key is not None and profile_id.__class__ is str and key == profile_id.encode():
-        return value
-    return (key, value)
-
-
-def _payload(entry: Entry) -> Payload:
+def wanted(entry: Entry) -> Wanted:
     payload = entry.change.payload
-    assert isinstance(payload, bytes | tuple)
-    return cast(Payload, payload)
+    if not isinstance(payload, Wanted):
+        raise TypeError(f"a buffered change carries a Wanted, not {type(payload).__name__}")
+    return payload
 
 
 def event_time_ms(entry: Entry) -> int:
     """When the change behind a buffered entry happened (epoch milliseconds)."""
-    payload = entry.change.payload
-    return payload.occurred_at_ms if isinstance(payload, Wanted) else entry.change.occurred_at_ms
+    return wanted(entry).occurred_at_ms
 
 
-def value_of(entry: Entry) -> bytes:
-    """The original record value of a buffered change; for a desired state, which has no one
-    record behind it, a JSON object with the list, the revision and the profile as the state
-    holds it (the address under "email", the mapped fields), and nothing else."""
-    if isinstance(entry.change.payload, Wanted):
-        desired = entry.change.payload.desired
-        profile = {**desired.fields, "email": desired.address}
-        return orjson.dumps(
-            {"list_id": desired.list_id, "revision": desired.revision, "profile": profile}
-        )
-    payload = _payload(entry)
-    return payload if isinstance(payload, bytes) else payload[1]
+def row_of(destination: Destination, entry: Entry) -> SubscriberRow:
+    """The import row of a buffered add."""
+    return build_row(destination, entry.change.key, wanted(entry).desired.fields)
 
 
-def key_of(entry: Entry) -> bytes | None:
-    """The original record key of a buffered change (decodes the value when the key was the
-    profile id and so was not kept); None for a desired state (it has no one record)."""
-    if isinstance(entry.change.payload, Wanted):
-        return None
-    payload = _payload(entry)
-    if isinstance(payload, tuple):
-        return payload[0]
-    event = decode(payload)  # decoded once already: valid
-    assert isinstance(event, MembershipChange)
-    profile_id = event.profile["id"]
-    assert isinstance(profile_id, str)
-    return profile_id.encode()
-
-
-def row_of(destination: Destination, entry: Entry) -> SubscriberRow | None:
-    """The import row of a buffered add, or None if its value no longer decodes (it did once,
-    so this means a bug; the caller dead-letters it rather than guess)."""
-    if isinstance(entry.change.payload, Wanted):
-        return build_row(destination, entry.change.key, entry.change.payload.desired.fields)
-    event = decode(value_of(entry))
-    if not isinstance(event, MembershipChange):
-        return None
-    return build_row(destination, entry.change.key, event.profile)
+def view_of(entry: Entry, topic: str) -> tuple[bytes | None, bytes, str]:
+    """A dead letter's (key, value, source) from the state alone: the profile id as the key
+    (the input's key), a JSON object with the list, the revision and the profile as the state
+    holds it (the address under "email", the mapped fields), and where the change behind it
+    is in ``topic`` (the input). The service reads the input record back instead, while the
+    input still has it (`consumer.state.MembershipState.original`)."""
+    desired = wanted(entry).desired
+    profile = {**desired.fields, "email": desired.address}
+    value = orjson.dumps(
+        {"list_id": desired.list_id, "revision": desired.revision, "profile": profile}
+    )
+    origin = desired.origin
+    if origin is None:  # a removal: nobody holds the address any more
+        return None, value, f"{topic}/-/-"
+    return origin.profile_id.encode(), value, f"{topic}/{origin.partition}/{origin.offset}"
 
 
 def build_row(

@@ -53,7 +53,7 @@ from consumer.membership.changelog import InternalTopics
 from consumer.membership.codec import decode_claim
 from consumer.membership.model import Applied, Desired, ProfileChange
 from consumer.membership.stages import Durable, StageOne, StageTwo
-from consumer.rows import Wanted, value_of
+from consumer.rows import Wanted, view_of, wanted
 from consumer.settings import Destination
 from consumer.source import ReadAgain
 
@@ -381,16 +381,17 @@ class MembershipState:
         the input record of the change behind its desired state, read back from the input
         topic; if the topic no longer has it (retention), the state's view of it (the list,
         the revision and the profile as the state keeps it)."""
-        payload = entry.change.payload
-        assert isinstance(payload, Wanted)
-        origin = payload.desired.origin
-        if origin is None:  # a removal: no member holds the address
-            return None, value_of(entry), f"{self.topics.claims}/{entry.change.position}"
-        source = f"{self._input_topic}/{origin.partition}/{origin.offset}"
-        record = await self._reader.read(origin.partition, origin.offset)
+        origin = wanted(entry).desired.origin
+        record = None
+        if origin is not None:  # None for a removal: no member holds the address
+            record = await self._reader.read(origin.partition, origin.offset)
         if record is None:
-            return origin.profile_id.encode(), value_of(entry), source
-        return record.key, record.value or b"", source
+            return view_of(entry, self._input_topic)
+        return (
+            record.key,
+            record.value or b"",
+            f"{self._input_topic}/{record.partition}/{record.offset}",
+        )
 
     # ---------------------------------------------------------------- offsets
 

@@ -30,17 +30,19 @@ from consumer.consent import Consent
 from consumer.deadletter import DeadLetter
 from consumer.flusher import DestinationFlusher
 from consumer.gateway import RemovalMode
-from consumer.rows import payload_of
+from consumer.membership.model import Desired, Origin
+from consumer.rows import Wanted
 from consumer.settings import Destination, load_settings
 from tests.simulator_fixtures import FakeClock
 
 TOPIC = "membership"
+LIST_ID = "0123456789abcdef0123456789abcdef"
 FLUSH_INTERVAL_S = 5.0
-DESTINATIONS_TOML = """
+DESTINATIONS_TOML = f"""
 [[destination]]
 name = "news"
 segment_id = "seg"
-list_id = "0123456789abcdef0123456789abcdef"
+list_id = "{LIST_ID}"
 email_field = "email"
 name_field = "full_name"
 resubscribe = "deleted-only"
@@ -165,27 +167,21 @@ class Rig:
         self._changed.set()
 
     def offer(self, address: str, *, entered: bool = True, **profile: Any) -> Position:
-        """Buffer one change (as the intake would) and return its position."""
+        """Buffer one desired state (as the membership state would) and return its position."""
         offset, self._offset = self._offset, self._offset + 1
         position: Position = offset << 32  # partition 0
-        profile = {"id": f"p{offset}", "email": address, **profile}
-        value = orjson.dumps(
-            {
-                "event_id": f"e{offset}",
-                "segment_id": "seg",
-                "change": "entered" if entered else "exited",
-                "occurred_at": "2026-11-29T12:00:00Z",
-                "profile": profile,
-            }
-        )
-        change = Change(
+        revision = offset + 1
+        desired = Desired(
+            LIST_ID,
             address.lower(),
             entered,
-            1_700_000_000_000 + offset,
-            position,
-            f"e{offset}",
-            payload_of(profile["id"].encode(), value, profile["id"]),
-            position,
+            dict(profile) if entered else {},
+            revision,
+            Origin(f"p{offset}", 0, offset) if entered else None,
+        )
+        at_ms = 1_700_000_000_000 + offset
+        change = Change(
+            desired.address, entered, revision, revision, revision, Wanted(desired, at_ms), position
         )
         self.buffer.offer(change, self.clock())
         self.flusher.wake()
