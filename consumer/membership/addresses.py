@@ -31,20 +31,41 @@ from consumer.membership.codec import (
     list_prefix,
     split_key,
 )
-from consumer.membership.model import AddressState, Applied, Claim, Desired, Fields, Holding
+from consumer.membership.model import (
+    AddressState,
+    Applied,
+    Claim,
+    Desired,
+    Fields,
+    Holding,
+    Member,
+    Origin,
+)
 from consumer.membership.store import Store
 
 __all__ = ["AddressTable"]
 
 
-def _wanted(state: AddressState) -> tuple[bool, Fields]:
-    holder = state.newest_holder()
-    return (False, {}) if holder is None else (True, holder.fields)
+def _wanted(state: AddressState) -> tuple[bool, Fields, Member | None, Holding | None]:
+    """(active, fields) of the desired state, and the newest holder they come from."""
+    newest = state.newest()
+    if newest is None:
+        return False, {}, None, None
+    member, holding = newest
+    return True, holding.fields, member, holding
 
 
-def _desired(list_id: str, address: str, state: AddressState) -> Desired:
-    active, fields = _wanted(state)
-    return Desired(list_id, address, active, fields, state.revision, state.origin())
+def _desired(
+    list_id: str,
+    address: str,
+    state: AddressState,
+    wanted: tuple[bool, Fields, Member | None, Holding | None] | None = None,
+) -> Desired:
+    active, fields, member, holding = wanted or _wanted(state)
+    origin = None
+    if member is not None and holding is not None:
+        origin = Origin(member[1], holding.partition, holding.version[1])
+    return Desired(list_id, address, active, fields, state.revision, origin)
 
 
 def _owes(state: AddressState) -> bool:
@@ -52,7 +73,7 @@ def _owes(state: AddressState) -> bool:
         return True
     if state.applied is Applied.REJECTED:
         return False  # until the desired state changes (a new revision is offered anyway)
-    active, fields = _wanted(state)
+    active, fields, _, _ = _wanted(state)
     if active:
         return state.applied is not Applied.ACTIVE or state.applied_fingerprint != fingerprint(
             fields
@@ -79,18 +100,18 @@ class AddressTable:
         kept = state.holders.get(claim.member)
         if kept is not None and claim.version <= kept.version:
             return None  # older than, or the same as, what this member said last
-        before = _wanted(state)
+        before = _wanted(state)[:2]
         state.holders[claim.member] = Holding(
             claim.version, claim.holds, dict(claim.fields) if claim.holds else {}, claim.partition
         )
         after = _wanted(state)
-        changed = after != before
+        changed = after[:2] != before
         if changed:
             state.revision += 1
         self._store.put(key, encode_address(state))
         if not changed:
             return None
-        return _desired(claim.list_id, claim.address, state)
+        return _desired(claim.list_id, claim.address, state, after)
 
     def state(self, list_id: str, address: str) -> AddressState | None:
         """The stored state of one (list, address), or None."""

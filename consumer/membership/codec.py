@@ -18,6 +18,7 @@ to a state that was never written (releases and what was applied are kept; see t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any, Final
 
@@ -71,6 +72,7 @@ class StateFormatError(ValueError):
 # --- keys -------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # segment and list ids: a few, met for every key
 def _prefix(first: str) -> bytes:
     raw = first.encode()
     if len(raw) > _MAX_PART:

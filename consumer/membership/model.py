@@ -150,31 +150,18 @@ class AddressState:
     applied: Applied = Applied.NOTHING
     applied_fingerprint: bytes = b""
 
-    def newest_holder(self) -> Holding | None:
+    def newest(self) -> tuple[Member, Holding] | None:
         """The holding member with the highest ``(version, member)``, or None if nobody holds.
 
         Its fields are the ones written: the most recent word on the person. The member breaks
         ties so that the choice does not depend on the order claims arrived in.
         """
-        newest = self.newest()
-        return None if newest is None else newest[1]
-
-    def newest(self) -> tuple[Member, Holding] | None:
-        """`newest_holder` with its member."""
         best: tuple[Version, Member] | None = None
         chosen: tuple[Member, Holding] | None = None
         for member, holding in self.holders.items():
             if holding.holds and (best is None or (holding.version, member) > best):
                 best, chosen = (holding.version, member), (member, holding)
         return chosen
-
-    def origin(self) -> Origin | None:
-        """Where the newest holder's change is in the input (None if nobody holds)."""
-        newest = self.newest()
-        if newest is None:
-            return None
-        (_, profile_id), holding = newest
-        return Origin(profile_id, holding.partition, holding.version[1])
 
     @property
     def removed_by_sync(self) -> bool:
