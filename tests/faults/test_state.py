@@ -1,5 +1,5 @@
-"""Scenario 9 — the membership state's local cache lost: SIGKILL, the state directory wiped,
-restart.
+"""Scenario 9 — the membership state under faults: the local cache lost (SIGKILL, the state
+directory wiped, restart), and a rebalance while a restore runs.
 
 The service runs with a state directory of its own (as a pod with a persistent volume would),
 syncs a first part of a stream with late events (`ordered=False`: changes delivered after a
@@ -68,3 +68,45 @@ async def test_a_wiped_state_dir_is_rebuilt_from_the_changelogs(
         # Only what the first process had in flight or not yet recorded at the kill may come
         # again: its applied records are checkpointed every second.
         assert len(again) <= 0.05 * len(imported_before), len(again)
+
+
+@pytest.mark.slow(90)
+async def test_a_rebalance_during_a_restore(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """B joins a group A runs alone and restores its share of the state; while it restores
+    (its /readyz says so), A leaves. The second rebalance starts while B's first restore runs
+    (a rebalance callback is not interrupted: the group waits for it, then B revokes what it
+    just restored and restores everything); the stream goes on throughout. At the end the
+    lists equal the model."""
+    records = stream(scaled(800, 3000), seed=93, ordered=False)
+    half = len(records) // 2
+    async with FaultRig(kafka_bootstrap, tmp_path, partitions=4) as rig:
+        a = rig.spawn("a")
+        await rig.wait_assigned(a)
+        await rig.produce(records[:half])
+        await rig.wait_all_committed(90, [a])
+
+        b = rig.spawn("b")
+
+        async def b_restoring() -> bool:
+            try:
+                status, body = await b.get("/readyz", timeout_s=1)
+            except Exception:  # not serving yet
+                return False
+            return status == 503 and "restoring" in body
+
+        await rig.wait_for(b_restoring, 90, "b restoring its share", [a, b], every_s=0.01)
+        a.terminate()  # the second rebalance, while b restores
+        feeder = asyncio.create_task(rig.produce_paced(records[half:], over_s=3))
+        assert await a.wait(30) == 0, a.tail()
+        await feeder
+        await rig.wait_all_committed(120, [b])
+        b.terminate()
+        assert await b.wait(30) == 0, b.tail()
+
+        assert rig.list_problems() == {}
+        restores = len(b.events("state_restored"))
+        note(
+            f"rebalance during a restore: {len(records)} records; b restored {restores} times "
+            "(a left during the first); lists exact"
+        )
+        assert restores >= 2
