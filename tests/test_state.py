@@ -288,3 +288,20 @@ async def test_a_write_in_flight_when_the_process_died_is_owed_again(kit: Kit) -
 
     _, rebuilt = await kit.state("second")
     assert wanted(rebuilt["news"]) == {"ada@x.io": False}
+
+
+async def test_a_crash_between_the_stages_loses_nothing(kit: Kit) -> None:
+    """Stage 1 checkpointed (its input offsets committable) and the process died before stage 2
+    read the claims: the next owner of the claims partition takes them from the topic."""
+    state, _ = await kit.state("first")
+    await kit.produce(kit.input_topic, [event("ada@x.io", "ada"), event("bob@x.io", "bob")])
+    await state.handle_input(0, await kit.read(kit.input_topic))
+    assert state.committable(kit.input_topic, 0) == 2
+    assert state.claims_unread() == 4  # news and club, for each
+    # the process dies here: no stage 2, no close
+
+    again, rebuilt = await kit.state("second")
+    assert again.committable(kit.topics.claims, 0) is None  # nothing of the claims taken yet
+    await again.handle_claims(0, await kit.read(kit.topics.claims))
+    assert wanted(rebuilt["news"]) == {"ada@x.io": True, "bob@x.io": True}
+    assert wanted(rebuilt["club"]) == {"ada@x.io": True, "bob@x.io": True}
