@@ -256,9 +256,13 @@ class Service:
             return False, f"destinations stalled: {', '.join(stalled)}"
         if self._stopping.is_set():
             return False, "shutting down"
+        if not self.source.joined:
+            # Not before: a release that cannot reach Kafka (a wrong SASL secret) must not turn
+            # Ready and replace the healthy pods. An idle replica (no partition) has joined.
+            return False, "waiting to join the consumer group"
         if self._state is not None and self._state.restoring:
             return False, "restoring the membership state"
-        return True, "joined" if self.source.joined else "waiting for assignment"
+        return True, "joined"
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -200,3 +200,17 @@ async def test_a_replay_into_an_empty_state_gives_the_same_lists(
         finally:
             await replay.stop()
         assert shown() == first
+
+
+async def test_ready_only_once_joined(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """/readyz is false until the consumer joined its group (then true, restore done)."""
+    async with SyncHarness(kafka_bootstrap, tmp_path, [Dest("news", "seg-a")]) as h:
+        service = Service(h.settings())
+        assert service.readiness() == (False, "waiting to join the consumer group")
+        async with running(h) as running_service:
+            for _ in range(600):
+                if running_service.readiness()[0]:
+                    break
+                await asyncio.sleep(0.05)
+            assert running_service.readiness() == (True, "joined")
+            assert running_service.source.joined
