@@ -250,10 +250,10 @@ class Service:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, reason) for /readyz; the reason names destinations, never keys."""
-        stalled = [f.destination.name for f in self._flushers if f.stalled_reason]
-        if stalled:
-            return False, f"destinations stalled: {', '.join(stalled)}"
+        """(ready, reason) for /readyz. A stalled destination does not make the pod unready
+        (`cmsync_destination_up` and CmsyncDestinationStalled report it): every pod that
+        writes to it would be, and drains and rollouts would stop while its changes are owed
+        in the membership state anyway."""
         if self._stopping.is_set():
             return False, "shutting down"
         if not self.source.joined:

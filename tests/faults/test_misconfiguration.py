@@ -3,9 +3,9 @@ unreadable or invalid destinations file.
 
 - A destination whose key or list Campaign Monitor refuses stalls — alone: its list gets
   nothing, `cmsync_destination_up` is 0 for it (1 for the healthy one, which keeps syncing),
-  /readyz answers 503 naming it (/healthz stays 200: a restart would not help), and no offset
-  is committed past its first unapplied change; SIGTERM still exits 0 within the budget,
-  committing nothing more.
+  /readyz and /healthz stay 200 (drains and rollouts go on; a restart would not help), and the
+  offsets move on (the membership state owes its changes); SIGTERM still exits 0 within the
+  budget.
 - `cmsync run` against a broker nobody answers on exits non-zero with a message naming the
   broker setting, in seconds (chaos: also against a port that accepts connections and never
   answers, which takes aiokafka's request timeout, 40 s).
@@ -83,10 +83,8 @@ async def test_bad_key_and_wrong_list_stall_only_their_destinations(
         assert metrics.value("cmsync_destination_up", destination="good") == 1
         ready_status, ready_body = await proc.get("/readyz")
         live_status, _ = await proc.get("/healthz")
-        assert ready_status == 503
         reason = orjson.loads(ready_body)["reason"]
-        assert "badkey" in reason
-        assert "badlist" in reason
+        assert (ready_status, reason) == (200, "joined")  # a metric and an alert, not readiness
         assert live_status == 200
         await asyncio.sleep(2.5)  # several commit ticks
         # Past the stalled changes: the membership state owes them to their lists.
@@ -105,7 +103,7 @@ async def test_bad_key_and_wrong_list_stall_only_their_destinations(
         assert API_KEY not in proc.log_path.read_text()
         note(
             f"misconfiguration: bad key and wrong ListID stalled (destination_up 0, /readyz "
-            f"503: {reason!r}); offsets committed to 5 of 5 (the state owes the stalled "
+            f"200: {reason!r}); offsets committed to 5 of 5 (the state owes the stalled "
             f"changes); SIGTERM exit 0 in {took:.1f} s"
         )
 
