@@ -8,7 +8,8 @@ destination, the committer, the state's checkpointer. The HTTP server (metrics, 
 beside them for the whole run. At start, the state's topics are checked (and created when
 missing and allowed); the state's stores are restored as partitions are assigned.
 
-Shutdown (SIGTERM/SIGINT, or `Service.stop()`), all inside CMSYNC_SHUTDOWN_BUDGET_S:
+Shutdown (SIGTERM/SIGINT, or `Service.stop()`), all inside CMSYNC_SHUTDOWN_BUDGET_S (a stop
+before the consumer started abandons the start instead: `run`):
   1. stop fetching: the fetch loop ends at its next poll (≤ 200 ms);
   2. drain: every flusher sends what it buffers without waiting for the flush interval, until
      nothing is held and all buffers are empty, or the budget (less a reserve for 3 and 4) is
@@ -107,6 +108,7 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
         self._deadline: float | None = None  # end of the shutdown budget, once stopping
+        self._started = False  # the consumer started: a stop goes the graceful way
         self.source = Source(
             settings.kafka,
             topics=(settings.kafka.topic, self.topics.claims),
@@ -272,61 +274,83 @@ class Service:
 
     async def run(self) -> None:
         """Run until `stop` (or SIGTERM through `run_until_signalled`), then shut down in the
-        order of the module docstring, inside CMSYNC_SHUTDOWN_BUDGET_S."""
-        budget = self.settings.shutdown_budget_s
+        order of the module docstring, inside CMSYNC_SHUTDOWN_BUDGET_S.
+
+        A stop that comes while the service is still starting (its Kafka clients wait for a
+        broker that does not answer) abandons the start at once: nothing was read, so nothing
+        is owed, and the clients are closed within the budget."""
         obs.build_info.info({"version": _version(), "python": sys.version.split()[0]})
         await self.health.start()
+        serving = asyncio.ensure_future(self._serve())
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            async with self.pipeline():
-                try:
-                    if not await self._internal_topics():
-                        return
-                    await self.source.start()
-                    tune_garbage_collector()
-                    log.info(
-                        "started",
-                        destinations=[d.name for d in self.settings.destinations],
-                        topic=self.settings.kafka.topic,
-                        group=self.settings.kafka.group_id,
-                    )
-                    async with asyncio.TaskGroup() as tg:
-                        fetch = tg.create_task(self.source.fetch_loop(self._stopping), name="fetch")
-                        flushers = [
-                            tg.create_task(f.run(), name=f"flush:{f.destination.name}")
-                            for f in self._flushers
-                        ]
-                        committer = tg.create_task(
-                            self.source.commit_loop(self._commit_interval_s), name="commit"
-                        )
-                        checkpointer = tg.create_task(
-                            self.state.checkpoint_loop(self._commit_interval_s), name="checkpoint"
-                        )
-                        self._tasks = [fetch, *flushers, committer, checkpointer]
-                        await self._stopping.wait()
-                        deadline = self._deadline = time.monotonic() + budget
-                        # 1. stop fetching
-                        await fetch
-                        # 2. drain
-                        self._draining = True
-                        for flusher in self._flushers:
-                            flusher.drain()
-                        await self._drain(deadline - CLOSE_RESERVE_S)
-                        # 3. commit, then checkpoint and close the stores
-                        with contextlib.suppress(Exception):  # a failed commit means a re-read
-                            await asyncio.wait_for(
-                                self.source.commit(), max(0.5, deadline - time.monotonic() - 1)
-                            )
-                        for task in [*flushers, committer, checkpointer]:
-                            task.cancel()
-                    await self._within_budget(self.state.close)
-                finally:
-                    # 4. close: dead letters in flight, the group (then, leaving `pipeline`,
-                    # the producers and the session; then the HTTP server)
-                    self.intake.close()
-                    await self._within_budget(self.source.stop)
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done() and not self._started:
+                log.info("stopping_before_start")
+                self._deadline = time.monotonic() + self.settings.shutdown_budget_s
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+            else:
+                await serving
         finally:
+            stopping.cancel()
+            if not serving.done():  # a forced stop (second signal): the caller was cancelled
+                serving.cancel()
             await self.health.stop()
         log.info("stopped", pending=self._outstanding())
+
+    async def _serve(self) -> None:
+        """`run` without the HTTP server: start, serve, shut down (module docstring)."""
+        budget = self.settings.shutdown_budget_s
+        async with self.pipeline():
+            try:
+                if not await self._internal_topics():
+                    return
+                await self.source.start()
+                self._started = True
+                tune_garbage_collector()
+                log.info(
+                    "started",
+                    destinations=[d.name for d in self.settings.destinations],
+                    topic=self.settings.kafka.topic,
+                    group=self.settings.kafka.group_id,
+                )
+                async with asyncio.TaskGroup() as tg:
+                    fetch = tg.create_task(self.source.fetch_loop(self._stopping), name="fetch")
+                    flushers = [
+                        tg.create_task(f.run(), name=f"flush:{f.destination.name}")
+                        for f in self._flushers
+                    ]
+                    committer = tg.create_task(
+                        self.source.commit_loop(self._commit_interval_s), name="commit"
+                    )
+                    checkpointer = tg.create_task(
+                        self.state.checkpoint_loop(self._commit_interval_s), name="checkpoint"
+                    )
+                    self._tasks = [fetch, *flushers, committer, checkpointer]
+                    await self._stopping.wait()
+                    deadline = self._deadline = time.monotonic() + budget
+                    # 1. stop fetching
+                    await fetch
+                    # 2. drain
+                    self._draining = True
+                    for flusher in self._flushers:
+                        flusher.drain()
+                    await self._drain(deadline - CLOSE_RESERVE_S)
+                    # 3. commit, then checkpoint and close the stores
+                    with contextlib.suppress(Exception):  # a failed commit means a re-read
+                        await asyncio.wait_for(
+                            self.source.commit(), max(0.5, deadline - time.monotonic() - 1)
+                        )
+                    for task in [*flushers, committer, checkpointer]:
+                        task.cancel()
+                await self._within_budget(self.state.close)
+            finally:
+                # 4. close: dead letters in flight, the group (then, leaving `pipeline`,
+                # the producers and the session; then the HTTP server)
+                self.intake.close()
+                await self._within_budget(self.source.stop)
 
     async def _internal_topics(self) -> bool:
         """Check (and create, unless CMSYNC_INTERNAL_TOPICS=require) the state's topics. While

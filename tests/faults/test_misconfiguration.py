@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -184,3 +185,40 @@ async def test_bad_destinations_file_exits_2_naming_it(tmp_path: Path, kind: str
         assert "CMSYNC_DESTINATIONS_FILE" in output, output
     assert "Traceback" not in output
     assert took < 20
+
+
+async def test_sigterm_while_the_broker_never_answers_exits_within_the_budget(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while the service still waits for a broker that accepts connections and never
+    answers: it stops starting at once (nothing was read, nothing is owed) and exits 0 within
+    CMSYNC_SHUTDOWN_BUDGET_S, not after the Kafka client's request timeout (40 s)."""
+    budget = 5.0
+    with silent_listener() as port:
+        env = base_env(tmp_path, f"127.0.0.1:{port}") | {
+            "CMSYNC_SHUTDOWN_BUDGET_S": str(budget),
+            "CMSYNC_LOG_FORMAT": "json",
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "consumer",
+            "run",
+            env=env,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        await asyncio.sleep(3)  # started, waiting for the broker
+        sent_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), budget + 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+        took = time.monotonic() - sent_at
+    note(f"SIGTERM against a silent broker: exit {proc.returncode} after {took:.1f} s")
+    assert proc.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert took <= budget, f"exit took {took:.1f} s, budget {budget} s"
+    assert b"stopping_before_start" in output
