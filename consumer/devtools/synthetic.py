@@ -182,25 +182,7 @@ class StreamGenerator:
                         "lifetime_value": round(rng.uniform(0, 5000), 2),
                     }
                     occurred = t
-                    if self.version_field is not None:
-                        profile[self.version_field] = occurred
-                    value = event_bytes(
-                        event_id=str(uuid.UUID(int=rng.getrandbits(128))),
-                        segment_id=spec.segment_id,
-                        entered=entered,
-                        occurred_at_ms=occurred,
-                        profile=profile,
-                        cloudevents=rng.random() < self.cloudevents_rate,
-                    )
-                    record = Produced(
-                        key=pid.encode(),
-                        value=value,
-                        segment_id=spec.segment_id,
-                        email=normalise_address(str(profile["email"])),
-                        entered=entered,
-                        occurred_at_ms=occurred,
-                        profile=profile,
-                    )
+                    record = self._record(rng, spec, profile, entered, occurred)
                     emit = occurred
                     if rng.random() < self.late_rate and not self.ordered:
                         emit += rng.randrange(60_000, 900_000)  # delivered late
@@ -257,26 +239,38 @@ class StreamGenerator:
             "interests": extra.sample(INTERESTS, extra.randint(0, 2)),
             "lifetime_value": round(extra.uniform(0, 5000), 2),
         }
+        record = self._record(extra, spec, profile, True, at)  # draws before the tiebreak
+        return at, extra.getrandbits(32), record
+
+    def _record(
+        self,
+        rng: random.Random,
+        spec: SegmentSpec,
+        profile: dict[str, object],
+        entered: bool,
+        at: int,
+    ) -> Produced:
+        """The record of one change of `profile` (its version field set to `at`), with an
+        event id and the CloudEvents form drawn from `rng`."""
         if self.version_field is not None:
             profile[self.version_field] = at
         value = event_bytes(
-            event_id=str(uuid.UUID(int=extra.getrandbits(128))),
+            event_id=str(uuid.UUID(int=rng.getrandbits(128))),
             segment_id=spec.segment_id,
-            entered=True,
+            entered=entered,
             occurred_at_ms=at,
             profile=profile,
-            cloudevents=extra.random() < self.cloudevents_rate,
+            cloudevents=rng.random() < self.cloudevents_rate,
         )
-        record = Produced(
-            key=f"cust-{i}".encode(),
+        return Produced(
+            key=str(profile["id"]).encode(),
             value=value,
             segment_id=spec.segment_id,
-            email=normalise_address(email),
-            entered=True,
+            email=normalise_address(str(profile["email"])),
+            entered=entered,
             occurred_at_ms=at,
             profile=profile,
         )
-        return at, extra.getrandbits(32), record
 
     def _with_invalid(self, records: list[Produced], rng: random.Random) -> list[Produced]:
         n_invalid = int(len(records) * self.invalid_rate)

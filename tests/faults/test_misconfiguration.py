@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from tests.faults.support import (
     REPO,
     Dest,
     FaultRig,
+    ServiceProcess,
     change,
     note,
 )
@@ -199,26 +199,13 @@ async def test_sigterm_while_the_broker_never_answers_exits_within_the_budget(
             "CMSYNC_SHUTDOWN_BUDGET_S": str(budget),
             "CMSYNC_LOG_FORMAT": "json",
         }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "consumer",
-            "run",
-            env=env,
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        proc = ServiceProcess(env, tmp_path / "svc.log", name="svc", cwd=REPO)
         await asyncio.sleep(3)  # started, waiting for the broker
         sent_at = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            output, _ = await asyncio.wait_for(proc.communicate(), budget + 30)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
+        proc.terminate()
+        code = await proc.wait(budget + 30)
         took = time.monotonic() - sent_at
-    note(f"SIGTERM against a silent broker: exit {proc.returncode} after {took:.1f} s")
-    assert proc.returncode == 0, output.decode(errors="replace")[-2000:]
+    note(f"SIGTERM against a silent broker: exit {code} after {took:.1f} s")
+    assert code == 0, proc.tail()
     assert took <= budget, f"exit took {took:.1f} s, budget {budget} s"
-    assert b"stopping_before_start" in output
+    assert proc.events("stopping_before_start"), proc.tail()
