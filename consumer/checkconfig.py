@@ -1,6 +1,8 @@
 """`cmsync check-config`: load and validate the configuration, print it resolved, secrets masked.
 
 Exit 0 when valid; exit 2 listing every problem (`ConfigError`) otherwise, or on a usage error.
+A valid configuration can still hold destinations that send nothing (their connection lacks
+the personal data acknowledgement): `warnings` says so, one line each, on stderr, exit 0.
 ``--env-file`` adds ``NAME=VALUE`` lines under the environment (the environment wins), so that a
 deployment's values can be checked before they are deployed. `describe` is the resolved
 configuration as plain data; it never holds a secret's value.
@@ -17,7 +19,14 @@ from operator import attrgetter
 
 import orjson
 
-from consumer.destinations import DESTINATION_KEYS, ENV_NAME_RE, REQUIRED_DESTINATION_KEYS
+from consumer.destinations import (
+    CONNECTION_KEYS,
+    DESTINATION_KEYS,
+    ENV_NAME_RE,
+    PERSONAL_DATA_ACKNOWLEDGED,
+    REQUIRED_CONNECTION_KEYS,
+    REQUIRED_DESTINATION_KEYS,
+)
 from consumer.settings import RESERVED, VARIABLES, ConfigError, Settings, load_settings
 from consumer.variables import FILE_SUFFIX, is_set
 
@@ -42,7 +51,8 @@ def describe(settings: Settings, origins: Mapping[str, str] | None = None) -> di
 
     A secret that is not set is ``None``. With `origins` (see `origins_of`) the result also says
     where each variable's value came from; variables absent from `origins` show "default".
-    API keys are shown per destination (the variable each one names, and ``"***"``).
+    API keys are shown per destination (the variable each one names, and ``"***"``), with the
+    connection it names, the client ID and whether it sends (`Destination.sends`).
     """
     values: dict[str, object] = {}
     for variable in VARIABLES:
@@ -55,6 +65,9 @@ def describe(settings: Settings, origins: Mapping[str, str] | None = None) -> di
             "list_id": d.list_id,
             "api_key_env": d.api_key_env,
             "api_key": "***",
+            "connection": d.connection,
+            "client_id": d.client_id,
+            "sends": d.sends,
             "email_field": d.email_field,
             "name_field": d.name_field,
             "removal": d.removal,
@@ -70,9 +83,24 @@ def describe(settings: Settings, origins: Mapping[str, str] | None = None) -> di
     return described
 
 
+def warnings(settings: Settings) -> list[str]:
+    """One line per destination that is valid but will send nothing, saying why and how to
+    change that. No secret, no personal data."""
+    return [
+        f'warning: destination "{d.name}" will send nothing: its connection "{d.connection}" '
+        f'lacks personal_data = "{PERSONAL_DATA_ACKNOWLEDGED}", the administrator\'s '
+        "acknowledgement that profiles (personal data) leave for Campaign Monitor; add that "
+        f'line to the [[connection]] named "{d.connection}" to start syncing this list'
+        for d in settings.destinations
+        if not d.sends
+    ]
+
+
 def _text_value(value: object) -> str:
     if value is None:
         return "(not set)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if value == "***":
         return "*** (set)"
     if isinstance(value, list):
@@ -110,6 +138,10 @@ def render_text(described: Mapping[str, object]) -> str:
                 rows += [(f"custom_fields.{k}", v, "") for k, v in value.items()]
             elif key == "api_key":
                 rows.append((key, _text_value(value), f"from {destination['api_key_env']}"))
+            elif key == "client_id" and value is None:
+                rows.append((key, _text_value(value), "the client's suppression list is not read"))
+            elif key == "sends" and not value:
+                rows.append((key, _text_value(value), "personal data not acknowledged"))
             else:
                 rows.append((key, _text_value(value), ""))
         lines += ["", f'[destination "{destination["name"]}"]', *_aligned(rows)]
@@ -156,7 +188,8 @@ def _settings_help() -> str:
     rules = (
         f"A secret may instead be given as NAME{FILE_SUFFIX}, the path of a file holding it (a "
         "mounted Secret; its trailing newline is dropped); setting both is an error. The API "
-        "key variables that destinations name in api_key_env are secrets too. Any other "
+        "key variables that destinations and connections name in api_key_env are secrets "
+        "too. Any other "
         "CMSYNC_* variable is refused with the nearest known name, except names reserved for "
         "tools that read them themselves (each NAME and NAME_*): " + ", ".join(RESERVED) + "."
     )
@@ -179,6 +212,11 @@ def _settings_help() -> str:
             ", ".join(DESTINATION_KEYS), 96, initial_indent="  ", subsequent_indent="  "
         ),
         "  required: " + ", ".join(REQUIRED_DESTINATION_KEYS),
+        "",
+        "connection keys ([[connection]] tables; a destination names one in connection):",
+        "  " + ", ".join(CONNECTION_KEYS),
+        "  required: " + ", ".join(REQUIRED_CONNECTION_KEYS),
+        f'  without personal_data = "{PERSONAL_DATA_ACKNOWLEDGED}" its destinations send nothing',
     ]
     return "\n".join(lines)
 
@@ -227,4 +265,6 @@ def cli_main(argv: list[str]) -> int:
         sys.stdout.write(orjson.dumps(described, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(render_text(described))
+    for warning in warnings(settings):
+        print(warning, file=sys.stderr)
     return 0

@@ -1,10 +1,11 @@
-"""The destinations file (TOML): ``[[destination]]`` tables, each one segment synced to one list.
+"""The destinations file (TOML): ``[[destination]]`` tables, each one segment synced to one list,
+and the ``[[connection]]`` tables they may refer to.
 
 `load_destinations(path, env, problems)` reads and checks the file named by
 ``CMSYNC_DESTINATIONS_FILE``, and reads each destination's API key from the variable its
-``api_key_env`` names (or that variable's ``_FILE``, as for every secret). Like the settings, it
-records *every* problem, one plain sentence naming the destination and key at fault, instead
-of raising; `consumer.settings.load_settings` raises them all at once.
+connection or its ``api_key_env`` names (or that variable's ``_FILE``, as for every secret).
+Like the settings, it records *every* problem, one plain sentence naming the table and key at
+fault, instead of raising; `consumer.settings.load_settings` raises them all at once.
 
 Rules, stated once:
 
@@ -18,6 +19,15 @@ Rules, stated once:
   several segments is one destination with ``segment_ids``.
 - The destinations of one segment read the address from the same profile field: the state
   keeps one address per (segment, profile).
+- A connection (``[[connection]]``: name, ``api_key_env``, optional ``client_id``, optional
+  ``personal_data = "acknowledged"``) is what the administrator set up for one Campaign Monitor
+  client. A destination names one with ``connection`` or names its key with ``api_key_env``
+  (or neither: the default key), never both. A connection no destination names is allowed,
+  and its key is not read.
+- Personal data leaves for Campaign Monitor only with the administrator's acknowledgement:
+  the destinations of a connection without ``personal_data = "acknowledged"`` are valid but
+  send nothing (`Destination.sends`). A destination without a connection was configured before
+  the acknowledgement existed and counts as acknowledged; it has no client ID.
 - Messages never contain an API key.
 
 Pure apart from reading the destinations file and the secret files it is told about.
@@ -58,8 +68,11 @@ class Destination:
     name: str
     segment_ids: tuple[str, ...]  # in file order, each once
     list_id: str
-    api_key_env: str
+    api_key_env: str  # the connection's, or the destination's own
     api_key: Secret
+    connection: str | None  # the [[connection]] named; None: the key came from api_key_env
+    client_id: str | None  # the connection's Campaign Monitor ClientID (suppression list)
+    personal_data_acknowledged: bool  # True without a connection (configured before the rule)
     email_field: str
     name_field: str | None
     removal: Removal
@@ -67,12 +80,32 @@ class Destination:
     consent_to_track: ConsentToTrack
     custom_fields: tuple[tuple[str, str], ...]  # (Campaign Monitor key, profile field), file order
 
+    @property
+    def sends(self) -> bool:
+        """Whether anything may be written to this destination's list: only once the
+        administrator acknowledged that personal data leaves for Campaign Monitor."""
+        return self.personal_data_acknowledged
+
+
+@dataclass(frozen=True, slots=True)
+class _Connection:
+    """One valid ``[[connection]]``."""
+
+    name: str
+    api_key_env: str
+    client_id: str | None
+    personal_data_acknowledged: bool
+
+    @property
+    def label(self) -> str:
+        return f'connection "{self.name}"'
+
 
 @dataclass(frozen=True, slots=True)
 class DestinationsFile:
     """What a readable destinations file gave: its valid destinations, and every variable its
-    tables name in ``api_key_env`` (valid or not, with the default's), which the environment
-    may set although they are no settings of cmsync."""
+    tables name in ``api_key_env`` (destinations and connections, valid or not, with the
+    default's), which the environment may set although they are no settings of cmsync."""
 
     destinations: tuple[Destination, ...]
     key_variables: frozenset[str]
@@ -91,6 +124,7 @@ DESTINATION_KEYS: Final = (
     "segment_id",
     "segment_ids",
     "list_id",
+    "connection",
     "api_key_env",
     "email_field",
     "name_field",
@@ -100,10 +134,15 @@ DESTINATION_KEYS: Final = (
     "custom_fields",
 )
 REQUIRED_DESTINATION_KEYS: Final = ("name", "list_id", "email_field")
+CONNECTION_KEYS: Final = ("name", "api_key_env", "client_id", "personal_data")
+REQUIRED_CONNECTION_KEYS: Final = ("name", "api_key_env")
+#: The only value of a connection's ``personal_data`` (any letter case).
+PERSONAL_DATA_ACKNOWLEDGED: Final = "acknowledged"
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_LIST_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+_HEX_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TOP_LEVEL_KEYS: Final = ("destination", "connection")
 
 
 def _toml_type(value: object) -> str:
@@ -131,38 +170,50 @@ def load_destinations(
     return _parse_destinations(document, env, problems, where)
 
 
+def _tables(
+    document: Mapping[str, object], key: str, where: str, problems: list[str]
+) -> list[dict[str, object]] | None:
+    """The ``[[key]]`` tables of the document (empty when absent); None after recording that
+    `key` is not an array of tables."""
+    tables = document.get(key)
+    if tables is None:
+        return []
+    if isinstance(tables, dict):
+        problems.append(f"{where}: {key}s are written [[{key}]] (an array of tables), not [{key}]")
+        return None
+    if not (isinstance(tables, list) and all(isinstance(t, dict) for t in tables)):
+        problems.append(f'{where}: "{key}" must be an array of tables ([[{key}]])')
+        return None
+    return tables
+
+
 def _parse_destinations(
     document: Mapping[str, object], env: Mapping[str, str], problems: list[str], where: str
 ) -> DestinationsFile:
     for key in document:
-        if key != "destination":
-            hint = did_you_mean(key, ["destination"])
+        if key not in _TOP_LEVEL_KEYS:
+            hint = did_you_mean(key, _TOP_LEVEL_KEYS)
             problems.append(f'{where}: unknown top-level key "{key}"{hint}')
-    tables = document.get("destination")
-    if isinstance(tables, dict):
-        problems.append(
-            f"{where}: destinations are written [[destination]] (an array of tables), "
-            "not [destination]"
-        )
-        return DestinationsFile((), frozenset())
-    if tables is not None and not (
-        isinstance(tables, list) and all(isinstance(t, dict) for t in tables)
-    ):
-        problems.append(f'{where}: "destination" must be an array of tables ([[destination]])')
+    connection_tables = _tables(document, "connection", where, problems) or []
+    tables = _tables(document, "destination", where, problems)
+    if tables is None:
         return DestinationsFile((), frozenset())
     if not tables:
         problems.append(f"{where}: defines no destinations (add a [[destination]] table)")
         return DestinationsFile((), frozenset())
     key_variables = frozenset(
-        str(table.get("api_key_env", DEFAULT_API_KEY_ENV)).strip() for table in tables
+        str(table.get("api_key_env", DEFAULT_API_KEY_ENV)).strip()
+        for table in (*tables, *connection_tables)
+        if "api_key_env" in table or "connection" not in table
     )
 
+    connections = _parse_connections(connection_tables, problems)
     destinations: list[Destination] = []
     keys = _ApiKeys(env, problems)
     names: dict[str, list[int]] = {}
     writers: dict[str, list[str]] = {}  # list_id -> labels of the destinations writing it
     for number, table in enumerate(tables, start=1):
-        parsed = _parse_destination(number, table, keys, problems)
+        parsed = _parse_destination(number, table, keys, connections, problems)
         if parsed is None:
             continue
         destinations.append(parsed)
@@ -198,15 +249,15 @@ def _parse_destinations(
 
 
 class _ApiKeys:
-    """Reads each ``api_key_env`` variable once, so that a key file several destinations share
-    is one problem, and gathers the destinations whose key is not set."""
+    """Reads each API key variable once, so that a key file several destinations share is one
+    problem, and gathers who needs a key that is not set."""
 
     def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
         self._env = env
         self._problems = problems
         self._read: dict[str, Secret | None] = {}
         self._failed: set[str] = set()
-        self._missing: dict[str, list[str]] = {}  # variable -> labels of destinations needing it
+        self._missing: dict[str, list[str]] = {}  # variable -> labels of the tables needing it
 
     def get(self, variable: str, label: str) -> Secret | None:
         if variable not in self._read:
@@ -218,7 +269,9 @@ class _ApiKeys:
                 self._failed.add(variable)
         key = self._read[variable]
         if key is None and variable not in self._failed:
-            self._missing.setdefault(variable, []).append(label)
+            labels = self._missing.setdefault(variable, [])
+            if label not in labels:  # a connection is named by several destinations
+                labels.append(label)
         return key
 
     def report_missing(self) -> None:
@@ -229,10 +282,148 @@ class _ApiKeys:
             )
 
 
+def _string(label: str, table: Mapping[str, object], key: str, problems: list[str]) -> str | None:
+    """``table[key]``: a non-empty string without surrounding spaces; None when absent or after
+    recording a problem."""
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems.append(f'{label}: "{key}" must be a string, not {_toml_type(value)}')
+        return None
+    if not value.strip():
+        problems.append(f'{label}: "{key}" must not be empty')
+        return None
+    if value != value.strip():
+        problems.append(f'{label}: "{key}" must not start or end with spaces')
+        return None
+    return value
+
+
+def _key_variable(label: str, variable: str | None, problems: list[str]) -> str | None:
+    """`variable` (an ``api_key_env`` value) when it can name an environment variable."""
+    if variable is not None and not ENV_NAME_RE.fullmatch(variable):
+        problems.append(
+            f'{label}: "api_key_env" must name an environment variable (letters, digits and '
+            f'"_", not starting with a digit), got {shown(variable)}'
+        )
+        return None
+    return variable
+
+
+def _hex_id(label: str, key: str, what: str, value: str | None, problems: list[str]) -> str | None:
+    """`value` lower-cased when it is a 32-character hexadecimal ID (a ListID, a ClientID)."""
+    if value is None:
+        return None
+    value = value.lower()
+    if not _HEX_ID_RE.fullmatch(value):
+        detail = (
+            f"got {len(value)} characters"
+            if len(value) != 32
+            else "got characters other than 0-9 and a-f"
+        )
+        problems.append(
+            f'{label}: "{key}" must be a Campaign Monitor {what}, 32 hexadecimal '
+            f"characters ({detail})"
+        )
+        return None
+    return value
+
+
+class _Connections:
+    """The ``[[connection]]`` tables by name: the valid ones, and the names of every table, so
+    that a destination naming an invalid connection adds no second problem."""
+
+    def __init__(self, valid: dict[str, _Connection], named: list[str]) -> None:
+        self._valid = valid
+        self._named = named
+
+    def find(self, name: str, label: str, problems: list[str]) -> _Connection | None:
+        """The connection `name`; None after recording a problem, or when the connection
+        itself is invalid (its problems are recorded already)."""
+        if name in self._named:
+            return self._valid.get(name)
+        hint = (
+            did_you_mean(name, self._named)
+            if self._named
+            else (" (the file defines no [[connection]])")
+        )
+        problems.append(f'{label}: "connection" names no [[connection]] {shown(name)}{hint}')
+        return None
+
+
+def _parse_connections(tables: list[dict[str, object]], problems: list[str]) -> _Connections:
+    valid: dict[str, _Connection] = {}
+    numbers: dict[str, list[int]] = {}
+    for number, table in enumerate(tables, start=1):
+        raw_name = table.get("name")
+        if isinstance(raw_name, str):
+            numbers.setdefault(raw_name, []).append(number)
+        parsed = _parse_connection(number, table, problems)
+        if parsed is not None:
+            valid[parsed.name] = parsed
+    for name, found in numbers.items():
+        if len(found) > 1:
+            listed = ", ".join(f"#{n}" for n in found)
+            problems.append(f'connection name "{name}" is used more than once ({listed})')
+            valid.pop(name, None)  # which one a destination meant is unknown
+    return _Connections(valid, list(numbers))
+
+
+def _parse_connection(
+    number: int, table: Mapping[str, object], problems: list[str]
+) -> _Connection | None:
+    """One connection, or None after recording its problems."""
+    raw_name = table.get("name")
+    label = f"connection #{number}"
+    if isinstance(raw_name, str) and _NAME_RE.fullmatch(raw_name):
+        label += f' "{raw_name}"'
+    found = len(problems)
+    for key in table:
+        if key not in CONNECTION_KEYS:
+            problems.append(f'{label}: unknown key "{key}"{did_you_mean(key, CONNECTION_KEYS)}')
+    for key in REQUIRED_CONNECTION_KEYS:
+        if key not in table:
+            problems.append(f'{label}: required key "{key}" is missing')
+
+    name = _string(label, table, "name", problems)
+    if name is not None and not _NAME_RE.fullmatch(name):
+        problems.append(
+            f'{label}: "name" {shown(name)} must be 1 to 64 letters, digits, "-", "_" or "."'
+        )
+    api_key_env = _key_variable(label, _string(label, table, "api_key_env", problems), problems)
+    client_id = _hex_id(
+        label, "client_id", "ClientID", _string(label, table, "client_id", problems), problems
+    )
+    personal_data = _string(label, table, "personal_data", problems)
+    if personal_data is not None and personal_data.lower() != PERSONAL_DATA_ACKNOWLEDGED:
+        problems.append(
+            f'{label}: "personal_data" must be "{PERSONAL_DATA_ACKNOWLEDGED}", got '
+            f"{shown(personal_data)}: it records the administrator's acknowledgement that "
+            "profiles (personal data) leave for Campaign Monitor; leave it out until then "
+            "(the connection's destinations then send nothing)"
+        )
+    if len(problems) > found:
+        return None
+    assert name is not None
+    assert api_key_env is not None
+    return _Connection(
+        name=name,
+        api_key_env=api_key_env,
+        client_id=client_id,
+        personal_data_acknowledged=personal_data is not None,
+    )
+
+
 def _parse_destination(
-    number: int, table: Mapping[str, object], keys: _ApiKeys, problems: list[str]
+    number: int,
+    table: Mapping[str, object],
+    keys: _ApiKeys,
+    connections: _Connections,
+    problems: list[str],
 ) -> Destination | None:
-    """One destination, or None after recording its problems."""
+    """One destination, or None after recording its problems (or when its connection is
+    invalid: the connection's problems say why)."""
     raw_name = table.get("name")
     label = f"destination #{number}"
     if isinstance(raw_name, str) and _NAME_RE.fullmatch(raw_name):
@@ -247,19 +438,7 @@ def _parse_destination(
             problems.append(f'{label}: required key "{key}" is missing')
 
     def string(key: str) -> str | None:
-        value = table.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            problems.append(f'{label}: "{key}" must be a string, not {_toml_type(value)}')
-            return None
-        if not value.strip():
-            problems.append(f'{label}: "{key}" must not be empty')
-            return None
-        if value != value.strip():
-            problems.append(f'{label}: "{key}" must not start or end with spaces')
-            return None
-        return value
+        return _string(label, table, key, problems)
 
     def choice(key: str, choices: Mapping[str, _T], default: _T) -> _T:
         value = string(key)
@@ -280,19 +459,7 @@ def _parse_destination(
             'letters, digits, "-", "_" or "."'
         )
     segment_ids = _segments(label, table, string, problems)
-    list_id = string("list_id")
-    if list_id is not None:
-        list_id = list_id.lower()
-        if not _LIST_ID_RE.fullmatch(list_id):
-            detail = (
-                f"got {len(list_id)} characters"
-                if len(list_id) != 32
-                else "got characters other than 0-9 and a-f"
-            )
-            problems.append(
-                f'{label}: "list_id" must be a Campaign Monitor ListID, 32 hexadecimal '
-                f"characters ({detail})"
-            )
+    list_id = _hex_id(label, "list_id", "ListID", string("list_id"), problems)
     email_field = string("email_field")
     name_field = string("name_field")
     removal = choice("removal", _REMOVALS, "delete")
@@ -300,14 +467,28 @@ def _parse_destination(
     consent = choice("consent_to_track", _CONSENTS, "Unchanged")
 
     api_key: Secret | None = None
-    api_key_env = string("api_key_env") if "api_key_env" in table else DEFAULT_API_KEY_ENV
-    if api_key_env is not None and not ENV_NAME_RE.fullmatch(api_key_env):
+    connection: _Connection | None = None
+    api_key_env: str | None = None
+    if "connection" in table and "api_key_env" in table:
         problems.append(
-            f'{label}: "api_key_env" must name an environment variable (letters, digits and '
-            f'"_", not starting with a digit), got {shown(api_key_env)}'
+            f'{label}: give "connection" or "api_key_env", not both (the connection names the '
+            "API key variable)"
         )
-    elif api_key_env is not None:
-        api_key = keys.get(api_key_env, label)
+    elif "connection" in table:
+        connection_name = string("connection")
+        if connection_name is not None:
+            connection = connections.find(connection_name, label, problems)
+        if connection is not None:
+            api_key_env = connection.api_key_env
+            api_key = keys.get(api_key_env, connection.label)
+    else:
+        api_key_env = _key_variable(
+            label,
+            string("api_key_env") if "api_key_env" in table else DEFAULT_API_KEY_ENV,
+            problems,
+        )
+        if api_key_env is not None:
+            api_key = keys.get(api_key_env, label)
 
     custom_fields = _custom_fields(label, table.get("custom_fields", {}), email_field, problems)
 
@@ -325,6 +506,10 @@ def _parse_destination(
         list_id=list_id,
         api_key_env=api_key_env,
         api_key=api_key,
+        connection=None if connection is None else connection.name,
+        client_id=None if connection is None else connection.client_id,
+        # Without a connection: configured before the acknowledgement existed.
+        personal_data_acknowledged=connection is None or connection.personal_data_acknowledged,
         email_field=email_field,
         name_field=name_field,
         removal=removal,

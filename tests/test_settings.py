@@ -108,6 +108,9 @@ def test_defaults(valid_env: dict[str, str]) -> None:
             list_id=LIST_A,
             api_key_env="CMSYNC_CM_API_KEY",
             api_key=Secret(API_KEY),
+            connection=None,
+            client_id=None,
+            personal_data_acknowledged=True,
             email_field="email",
             name_field=None,
             removal="delete",
@@ -652,6 +655,162 @@ def test_unknown_names_wait_for_a_readable_destinations_file(tmp_path: Path) -> 
     assert only_problem(problems_of(env)).endswith("nope.toml): file not found")
 
 
+# --- connections ----------------------------------------------------------------------------
+
+CLIENT_ID = "00112233445566778899aabbccddeeff"
+
+ACME = """[[connection]]
+name = "acme"
+api_key_env = "ACME_CM_KEY"
+"""
+ACKNOWLEDGED = ACME + 'personal_data = "acknowledged"\n'
+VIA_ACME = D.replace('email_field = "email"\n', 'email_field = "email"\nconnection = "acme"\n')
+
+
+def test_a_connection_gives_its_key_client_id_and_acknowledgement(tmp_path: Path) -> None:
+    toml = (
+        ACME.replace('"acme"', '"acme"\nclient_id = "' + CLIENT_ID.upper() + '"')
+        + 'personal_data = "Acknowledged"\n\n'
+        + VIA_ACME
+        + "\n"
+        + D.replace('"vip"', '"legacy"').replace(LIST_A, LIST_B)
+    )
+    env = base_env(write(tmp_path, toml), ACME_CM_KEY=f"{API_KEY}-acme")
+    via, legacy = load_settings(env).destinations
+    assert (via.connection, via.api_key_env) == ("acme", "ACME_CM_KEY")
+    assert via.api_key == Secret(f"{API_KEY}-acme")
+    assert via.client_id == CLIENT_ID  # upper case accepted, lower-cased
+    assert via.personal_data_acknowledged
+    assert via.sends
+    # configured before connections existed: acknowledged, no client ID, the default key
+    assert (legacy.connection, legacy.client_id, legacy.api_key_env) == (
+        None,
+        None,
+        "CMSYNC_CM_API_KEY",
+    )
+    assert legacy.personal_data_acknowledged
+    assert legacy.sends
+
+
+def test_a_connection_without_acknowledgement_is_valid_and_sends_nothing(tmp_path: Path) -> None:
+    env = base_env(write(tmp_path, ACME + "\n" + VIA_ACME), ACME_CM_KEY=API_KEY)
+    (destination,) = load_settings(env).destinations
+    assert destination.client_id is None
+    assert not destination.personal_data_acknowledged
+    assert not destination.sends
+
+
+def test_a_connection_no_destination_names_is_fine_and_its_key_not_needed(
+    tmp_path: Path,
+) -> None:
+    (destination,) = load_settings(base_env(write(tmp_path, ACME + "\n" + D))).destinations
+    assert destination.connection is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (ACME + 'clientid = "x"\n', 'unknown key "clientid" (did you mean "client_id"?)'),
+        (ACME + "colour = 'red'\n", 'unknown key "colour"'),
+        (ACME.replace('name = "acme"\n', ""), 'required key "name" is missing'),
+        (ACME.replace('api_key_env = "ACME_CM_KEY"\n', ""), 'required key "api_key_env" is'),
+        (ACME.replace('"acme"', '"ac me"'), "must be 1 to 64 letters, digits"),
+        (ACME.replace('"ACME_CM_KEY"', '"ACME KEY"'), '"api_key_env" must name an environment'),
+        (ACME + f'client_id = "{CLIENT_ID[:-1]}"\n', "ClientID, 32 hexadecimal characters"),
+        (ACME + 'client_id = "' + "g" * 32 + '"\n', "got characters other than 0-9 and a-f"),
+        (ACME + 'personal_data = "yes"\n', '"personal_data" must be "acknowledged", got \'yes\''),
+        (ACME + "personal_data = true\n", '"personal_data" must be a string, not a boolean'),
+        (ACME + 'personal_data = ""\n', '"personal_data" must not be empty'),
+    ],
+)
+def test_connection_problem(tmp_path: Path, toml: str, expected: str) -> None:
+    problem = only_problem(destination_problems(tmp_path, toml + "\n" + D))
+    assert problem.startswith("connection #1"), problem
+    assert expected in problem
+
+
+def test_personal_data_problem_says_how_to_leave_it_unacknowledged(tmp_path: Path) -> None:
+    problem = only_problem(destination_problems(tmp_path, ACME + 'personal_data = "no"\n\n' + D))
+    assert "leave it out until then" in problem
+    assert "send nothing" in problem
+
+
+def test_a_destination_names_a_connection_or_a_key_not_both(tmp_path: Path) -> None:
+    toml = ACKNOWLEDGED + "\n" + VIA_ACME + 'api_key_env = "ACME_CM_KEY"\n'
+    problem = only_problem(destination_problems(tmp_path, toml, ACME_CM_KEY=API_KEY))
+    assert problem == (
+        'destination #1 "vip": give "connection" or "api_key_env", not both (the connection '
+        "names the API key variable)"
+    )
+
+
+def test_an_unknown_connection_is_refused_with_the_nearest_name(tmp_path: Path) -> None:
+    toml = ACKNOWLEDGED + "\n" + VIA_ACME.replace('connection = "acme"', 'connection = "acne"')
+    problem = only_problem(destination_problems(tmp_path, toml, ACME_CM_KEY=API_KEY))
+    assert problem == (
+        'destination #1 "vip": "connection" names no [[connection]] \'acne\' (did you mean "acme"?)'
+    )
+    problem = only_problem(destination_problems(tmp_path, VIA_ACME))
+    assert problem.endswith("no [[connection]] 'acme' (the file defines no [[connection]])")
+
+
+def test_duplicate_connection_names(tmp_path: Path) -> None:
+    toml = ACKNOWLEDGED + "\n" + ACME + "\n" + VIA_ACME
+    problems = destination_problems(tmp_path, toml, ACME_CM_KEY=API_KEY)
+    # which of the two the destination meant is unknown: one problem, not a second one for it
+    assert only_problem(problems) == 'connection name "acme" is used more than once (#1, #2)'
+
+
+def test_a_destination_of_an_invalid_connection_adds_no_problem_of_its_own(
+    tmp_path: Path,
+) -> None:
+    toml = ACME + 'personal_data = "sure"\n\n' + VIA_ACME
+    problem = only_problem(destination_problems(tmp_path, toml, ACME_CM_KEY=API_KEY))
+    assert problem.startswith('connection #1 "acme": "personal_data" must be')
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[connection]\nname = "acme"\n', "connections are written [[connection]]"),
+        ('connection = ["acme"]\n', '"connection" must be an array of tables ([[connection]])'),
+        ('[[connections]]\nname = "acme"\n', '"connections" (did you mean "connection"?)'),
+    ],
+)
+def test_connection_tables_must_be_an_array_of_tables(
+    tmp_path: Path, toml: str, expected: str
+) -> None:
+    problem = only_problem(destination_problems(tmp_path, toml + D))
+    assert problem.startswith("CMSYNC_DESTINATIONS_FILE (")
+    assert expected in problem
+
+
+def test_a_connection_key_variable_is_known_read_from_its_file_and_missing_once(
+    tmp_path: Path,
+) -> None:
+    second = VIA_ACME.replace('"vip"', '"b"').replace(LIST_A, LIST_B)
+    toml = ACKNOWLEDGED + "\n" + VIA_ACME + "\n" + second
+    key_file = write(tmp_path, API_KEY + "\n", "key")
+    env = base_env(write(tmp_path, toml), ACME_CM_KEY_FILE=str(key_file))
+    del env["CMSYNC_CM_API_KEY"]  # no destination uses the default key
+    assert [d.api_key for d in load_settings(env).destinations] == [Secret(API_KEY)] * 2
+    del env["ACME_CM_KEY_FILE"]
+    assert problems_of(env) == [
+        "ACME_CM_KEY (or ACME_CM_KEY_FILE) is not set or is empty; it holds the Campaign "
+        'Monitor API key of connection "acme"'
+    ]
+
+
+def test_a_cmsync_named_connection_key_is_not_an_unknown_variable(tmp_path: Path) -> None:
+    toml = ACKNOWLEDGED.replace("ACME_CM_KEY", "CMSYNC_CM_API_KEY_ACME") + "\n" + VIA_ACME
+    env = base_env(write(tmp_path, toml), CMSYNC_CM_API_KEY_ACME=API_KEY)
+    (destination,) = load_settings(env).destinations
+    assert destination.api_key == Secret(API_KEY)
+    # named by an unused connection, the variable is still cmsync's to read, not unknown
+    unused = ACKNOWLEDGED.replace("ACME_CM_KEY", "CMSYNC_CM_API_KEY_ACME") + "\n" + D
+    load_settings(base_env(write(tmp_path, unused), CMSYNC_CM_API_KEY_ACME=API_KEY))
+
+
 # --- secrets ------------------------------------------------------------------------------
 
 
@@ -909,6 +1068,62 @@ def test_check_config_json(
     assert API_KEY not in out + err
 
 
+def test_check_config_says_which_destinations_send_nothing_and_exits_0(
+    tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    legacy = D.replace('"vip"', '"legacy"').replace(LIST_A, LIST_B)
+    toml = ACME + "\n" + VIA_ACME + "\n" + legacy
+    set_environ(clean_environ, base_env(write(tmp_path, toml), ACME_CM_KEY=f"{API_KEY}-acme"))
+    assert cli_main([]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        'warning: destination "vip" will send nothing: its connection "acme" lacks '
+        'personal_data = "acknowledged", the administrator\'s acknowledgement that profiles '
+        "(personal data) leave for Campaign Monitor; add that line to the [[connection]] named "
+        '"acme" to start syncing this list'
+    ]
+    lines = out.splitlines()
+    vip = lines[lines.index('[destination "vip"]') :]
+    assert any(line.startswith("connection ") and "= acme" in line for line in vip)
+    assert any(line.startswith("sends ") and "= no " in line for line in vip)
+    legacy_lines = lines[lines.index('[destination "legacy"]') :]
+    assert any(
+        line.startswith("client_id ") and "suppression list is not read" in line
+        for line in legacy_lines
+    )
+    assert any(line.startswith("sends ") and line.endswith("= yes") for line in legacy_lines)
+    assert API_KEY not in out + err
+
+    assert cli_main(["--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    vip_json, legacy_json = orjson.loads(out)["destinations"]
+    assert (vip_json["connection"], vip_json["sends"], vip_json["api_key"]) == (
+        "acme",
+        False,
+        "***",
+    )
+    assert vip_json["api_key_env"] == "ACME_CM_KEY"
+    assert (legacy_json["connection"], legacy_json["client_id"], legacy_json["sends"]) == (
+        None,
+        None,
+        True,
+    )
+    assert "will send nothing" in err  # stdout stays one JSON document
+    assert API_KEY not in out + err
+
+
+def test_check_config_is_quiet_when_every_destination_sends(
+    tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = ACKNOWLEDGED.replace('"acme"', f'"acme"\nclient_id = "{CLIENT_ID}"') + "\n" + VIA_ACME
+    set_environ(clean_environ, base_env(write(tmp_path, toml), ACME_CM_KEY=API_KEY))
+    assert cli_main(["--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    (destination,) = orjson.loads(out)["destinations"]
+    assert (destination["client_id"], destination["sends"]) == (CLIENT_ID, True)
+
+
 def test_check_config_errors_go_to_stderr_with_exit_2(
     tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -991,6 +1206,8 @@ def test_check_config_help_lists_every_variable_and_default(
     assert "NAME_FILE, the path of a file holding it" in flat
     assert "CMSYNC_TEST, CMSYNC_BENCH, CMSYNC_DEMO" in flat
     assert "api_key_env" in flat
+    assert "connection keys ([[connection]] tables" in flat
+    assert "name, api_key_env, client_id, personal_data" in flat
 
 
 def test_check_config_refuses_two_destinations_on_one_list_with_exit_2(
