@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import shutil
 import signal
@@ -82,6 +83,15 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def only_sending(settings: Settings) -> Settings:
+    """`settings` without the destinations that send nothing (`Destination.sends`: their
+    connection lacks the personal data acknowledgement). The service runs as if they were not
+    configured: no state, no buffer, no request for their lists."""
+    return dataclasses.replace(
+        settings, destinations=tuple(d for d in settings.destinations if d.sends)
+    )
+
+
 class Service:
     """Wires source → membership state → buffers → flushers → commits, and shuts them down in
     the order of the module docstring. The hot paths are `MembershipState.handle_input` and
@@ -95,7 +105,8 @@ class Service:
     """
 
     def __init__(self, settings: Settings, *, commit_interval_s: float = 1.0) -> None:
-        self.settings = settings
+        self._withheld = [d.name for d in settings.destinations if not d.sends]
+        self.settings = settings = only_sending(settings)
         self._commit_interval_s = commit_interval_s
         self.tracker = OffsetTracker()
         self.applied = AppliedMemory(settings.applied_memory)
@@ -310,6 +321,12 @@ class Service:
                 await self.source.start()
                 self._started = True
                 tune_garbage_collector()
+                for name in self._withheld:
+                    log.warning(
+                        "destination_sends_nothing",
+                        destination=name,
+                        reason="its connection lacks personal_data = acknowledged",
+                    )
                 log.info(
                     "started",
                     destinations=[d.name for d in self.settings.destinations],
