@@ -343,11 +343,9 @@ class _Connections:
         itself is invalid (its problems are recorded already)."""
         if name in self._named:
             return self._valid.get(name)
-        hint = (
-            did_you_mean(name, self._named)
-            if self._named
-            else (" (the file defines no [[connection]])")
-        )
+        hint = " (the file defines no [[connection]])"
+        if self._named:
+            hint = did_you_mean(name, self._named)
         problems.append(f'{label}: "connection" names no [[connection]] {shown(name)}{hint}')
         return None
 
