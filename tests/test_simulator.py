@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pytest
 
 from consumer.devtools.simulator import (
     AddressThrottle,
+    CustomFieldSpec,
     FaultConfig,
     Simulator,
     SimulatorConfig,
@@ -116,7 +118,10 @@ class Api:
 
 
 @asynccontextmanager
-async def running(config: SimulatorConfig | None = None, **list_kw: Any) -> AsyncIterator[Api]:
+async def running(
+    config: SimulatorConfig | None = None, *, wall: FakeClock | None = None, **list_kw: Any
+) -> AsyncIterator[Api]:
+    """The simulator served over HTTP; `wall` replaces the wall clock (dates shown)."""
     clock = FakeClock()
     sleeps: list[float] = []
 
@@ -126,6 +131,7 @@ async def running(config: SimulatorConfig | None = None, **list_kw: Any) -> Asyn
     sim = Simulator(
         config or SimulatorConfig(api_keys=(KEY, OTHER), oauth_tokens=(TOKEN,)),
         clock=clock,
+        wall_clock=wall if wall is not None else time.time,
         sleep=fake_sleep,
     )
     list_id = sim.add_list(**list_kw)
@@ -512,6 +518,232 @@ async def test_suppression_list_on_all_client_lists() -> None:
         assert "b@example.com" not in api.sim.suppressed(KEY)
 
 
+# consent: date-filtered listings, suppression list, custom fields ----------------------------
+#: 2030-01-02 03:04:00 UTC
+T0 = 1893553440
+
+
+def emails_of(reply: Reply) -> list[str]:
+    return [r["EmailAddress"] for r in reply.body["Results"]]
+
+
+async def test_each_state_change_stamps_the_date_a_date_filter_reads() -> None:
+    wall = FakeClock(T0)
+    async with running(wall=wall, unsubscribe_setting="OnlyThisList") as api:
+        await api.import_([row(f"{n}@example.com") for n in ("a", "b", "c", "d")])
+        wall.advance(60)  # 03:05
+        await api.unsubscribe("b@example.com")
+        wall.advance(60)  # 03:06
+        api.sim.force_state(api.list_id, "d@example.com", "Unsubscribed")
+        wall.advance(86_400)  # the next day, 03:06
+        await api.unsubscribe("a@example.com")
+        api.sim.force_state(api.list_id, "c@example.com", "Bounced")
+
+        every = await api.members("unsubscribed", orderfield="date")
+        assert emails_of(every) == ["b@example.com", "d@example.com", "a@example.com"]
+        assert every.body["Results"][0]["Date"] == "2030-01-02 03:05:00"
+        newest_first = await api.members("unsubscribed", orderfield="date", orderdirection="desc")
+        assert emails_of(newest_first) == ["a@example.com", "d@example.com", "b@example.com"]
+        since_minute = await api.members("unsubscribed", date="2030-01-02 03:06", orderfield="date")
+        assert emails_of(since_minute) == ["d@example.com", "a@example.com"]
+        assert since_minute.body["TotalNumberOfRecords"] == 2
+        since_day = await api.members(
+            "unsubscribed", date="2030-01-03", orderfield="date", orderdirection="desc"
+        )
+        assert emails_of(since_day) == ["a@example.com"]
+        bounced = await api.members("bounced", date="2030-01-03 03:06")
+        assert emails_of(bounced) == ["c@example.com"]
+        assert (await api.members("bounced", date="2030-01-03 03:07")).body["Results"] == []
+
+        wall.advance(60)
+        await api.import_([row("b@example.com")], resubscribe=True)  # Active again: new Date
+        active = await api.members("active", date="2030-01-03 03:07")
+        assert emails_of(active) == ["b@example.com"]
+
+
+async def test_suppression_list_pages_in_both_orders_with_dates_and_reasons() -> None:
+    wall = FakeClock(T0)
+    async with running(wall=wall) as api:
+        await api.import_([row("Zed@example.com"), row("amy@example.com")])
+        await api.unsubscribe("Zed@example.com")  # AllClientLists: suppressed, dated now
+        wall.advance(3600)
+        api.sim.force_state(api.list_id, "bob@example.com", "Bounced", suppress=True)
+        wall.advance(3600)
+        api.sim.suppress("cat@example.com")
+        wall.advance(3600)
+        api.sim.force_state(api.list_id, "Zed@example.com", "Unsubscribed", suppress=True)
+
+        client_id = api.sim.client_id(KEY)
+        path = f"/clients/{client_id}/suppressionlist.json"
+        by_email = await api.call("GET", path)
+        assert by_email.status == 200
+        assert by_email.body["Results"] == [
+            {
+                "SuppressionReason": "Bounced",
+                "EmailAddress": "bob@example.com",
+                "Date": "2030-01-02 04:04:00",
+                "State": "Suppressed",
+            },
+            {
+                "SuppressionReason": "Suppressed",
+                "EmailAddress": "cat@example.com",
+                "Date": "2030-01-02 05:04:00",
+                "State": "Suppressed",
+            },
+            {
+                "SuppressionReason": "Unsubscribed",
+                "EmailAddress": "Zed@example.com",  # as first seen; the first date stays
+                "Date": "2030-01-02 03:04:00",
+                "State": "Suppressed",
+            },
+        ]
+        assert by_email.body["ResultsOrderedBy"] == "email"
+        by_date = await api.call(
+            "GET", path, params={"orderfield": "date", "orderdirection": "desc"}
+        )
+        assert emails_of(by_date) == ["cat@example.com", "bob@example.com", "Zed@example.com"]
+        assert (by_date.body["ResultsOrderedBy"], by_date.body["OrderDirection"]) == (
+            "date",
+            "desc",
+        )
+
+        for n in range(20):
+            api.sim.suppress(f"m{n:02d}@example.com")
+        second = await api.call("GET", path, params={"page": "2", "pagesize": "10"})
+        assert second.body["PageNumber"] == 2
+        assert second.body["RecordsOnThisPage"] == 10
+        assert second.body["TotalNumberOfRecords"] == 23
+        assert second.body["NumberOfPages"] == 3
+        assert emails_of(second)[0] == "m08@example.com"  # after bob, cat, m00..m07
+
+        for bad, code in [({"orderfield": "name"}, 802), ({"pagesize": "5"}, 801)]:
+            reply = await api.call("GET", path, params=bad)
+            assert (reply.status, reply.body["Code"]) == (400, code)
+        theirs = await api.call("GET", f"/clients/{api.sim.client_id(OTHER)}/suppressionlist.json")
+        assert (theirs.status, theirs.body) == (400, {"Code": 102, "Message": "Invalid ClientID"})
+        other_key = await api.call("GET", path, key=OTHER)
+        assert other_key.body["Code"] == 102
+        assert api.sim.suppressed(OTHER) == set()
+
+
+async def test_client_ids_are_configurable_and_stable() -> None:
+    config = SimulatorConfig(api_keys=(KEY, OTHER), invalid_list_status=401)
+    async with running(config) as api:
+        derived = api.sim.client_id(KEY)
+        assert len(derived) == 32
+        assert Simulator(SimulatorConfig(api_keys=(KEY,))).client_id() == derived
+        chosen = "c" * 32
+        api.sim.add_list(api_key=OTHER, client_id=chosen)
+        assert api.sim.client_id(OTHER) == chosen
+        with pytest.raises(ValueError, match="another client ID"):
+            api.sim.add_list(api_key=OTHER, client_id="d" * 32)
+        with pytest.raises(ValueError, match="another API key"):
+            api.sim.add_list(api_key="third", client_id=chosen)
+        wrong = await api.call("GET", f"/clients/{'e' * 32}/suppressionlist.json")
+        assert (wrong.status, wrong.body["Code"]) == (401, 102)
+        admin = await api.call("GET", f"/_sim/lists/{api.list_id}")
+        assert admin.body["ClientID"] == derived
+
+
+async def test_custom_fields_are_listed_and_created() -> None:
+    fields = [
+        CustomFieldSpec("city"),
+        CustomFieldSpec("age", "Number", visible_in_preference_center=False),
+        CustomFieldSpec("tier", "MultiSelectOne", ("gold", "silver")),
+    ]
+    async with running(custom_fields=fields) as api:
+        path = f"/lists/{api.list_id}/customfields.json"
+        listed = await api.call("GET", path)
+        assert listed.status == 200
+        assert listed.body[1] == {
+            "FieldName": "age",
+            "Key": "[age]",
+            "DataType": "Number",
+            "FieldOptions": [],
+            "VisibleInPreferenceCenter": False,
+        }
+        assert listed.body[2]["FieldOptions"] == ["gold", "silver"]
+
+        body = {
+            "FieldName": "joined on",
+            "DataType": "Date",
+            "Options": [],
+            "VisibleInPreferenceCenter": True,
+        }
+        created = await api.call("POST", path, json=body)
+        assert (created.status, created.body) == (201, "[joinedon]")
+        again = await api.call("POST", path, json=body)
+        assert (again.status, again.body["Code"]) == (400, 255)
+        for bad, code in [
+            ({"FieldName": "x", "DataType": "Colour"}, 251),
+            ({"FieldName": "x", "DataType": "MultiSelectMany", "Options": []}, 251),
+            ({"FieldName": " ", "DataType": "Text"}, 250),
+        ]:
+            reply = await api.call("POST", path, json=bad)
+            assert (reply.status, reply.body["Code"]) == (400, code)
+        keys = [f["Key"] for f in (await api.call("GET", path)).body]
+        assert keys == ["[city]", "[age]", "[tier]", "[joinedon]"]
+        undeclared = api.sim.add_list()
+        assert (await api.call("GET", f"/lists/{undeclared}/customfields.json")).body == []
+
+
+async def test_a_list_with_declared_fields_ignores_unknown_keys_and_unfit_values() -> None:
+    fields = [
+        CustomFieldSpec("city"),
+        CustomFieldSpec("age", "Number"),
+        CustomFieldSpec("born", "Date"),
+        CustomFieldSpec("tier", "MultiSelectOne", ("gold", "silver")),
+        CustomFieldSpec("tags", "MultiSelectMany", ("a", "b")),
+    ]
+    async with running(custom_fields=fields) as api:
+        good = [
+            {"Key": "[city]", "Value": "Paris"},
+            {"Key": "age", "Value": "42.5"},
+            {"Key": "born", "Value": "1990/02/28"},
+            {"Key": "tier", "Value": "silver"},
+            {"Key": "tier", "Value": "gold"},
+            {"Key": "tags", "Value": "a"},
+            {"Key": "tags", "Value": "b"},
+            {"Key": "shoe", "Value": "44"},
+        ]
+        reply = await api.import_([row("ada@example.com", CustomFields=good)])
+        assert reply.status == 201  # an unknown key is no error
+        assert fields_of(api, "ada@example.com") == [
+            ("city", "Paris"),
+            ("age", "42.5"),
+            ("born", "1990/02/28"),
+            ("tier", "gold"),
+            ("tags", "a"),
+            ("tags", "b"),
+        ]
+        unfit = [
+            {"Key": "age", "Value": "forty"},
+            {"Key": "born", "Value": "2090/01/01"},
+            {"Key": "tier", "Value": "bronze"},
+            {"Key": "tags", "Value": "c"},
+        ]
+        reply = await api.import_([row("ada@example.com", CustomFields=unfit)])
+        assert reply.status == 201
+        assert reply.body["FailureDetails"] == []
+        assert fields_of(api, "ada@example.com")[1:4] == [
+            ("age", "42.5"),
+            ("born", "1990/02/28"),
+            ("tier", "gold"),
+        ]
+        cleared = await api.import_(
+            [row("ada@example.com", CustomFields=[{"Key": "age", "Value": "", "Clear": True}])]
+        )
+        assert cleared.status == 201
+        assert "age" not in dict(fields_of(api, "ada@example.com"))
+
+
+async def test_list_details_carry_the_settings() -> None:
+    async with running(unsubscribe_setting="OnlyThisList", confirmed_opt_in=True) as api:
+        details = await api.call("GET", f"/lists/{api.list_id}.json")
+        assert details.body["UnsubscribeSetting"] == "OnlyThisList"
+        assert details.body["ConfirmedOptIn"] is True
+
+
 # rate limiting and the address throttle -----------------------------------------------------
 async def test_rate_limit_headers_and_429() -> None:
     config = SimulatorConfig(api_keys=(KEY, OTHER), rate_limit_rps=2.0, rate_burst=2.0)
@@ -739,11 +971,17 @@ def test_cli_help_names_the_uncertain_settings(capsys: pytest.CaptureFixture[str
     assert "--resubscribe-false-reports" in out
     assert "existing" in out
     assert "--invalid-list-status" in out
+    assert "--custom-field" in out
+    assert "CLIENTID" in out
+    assert "Code 102" in out
 
 
 def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["--invalid-list-status", "404"]) == 2
     assert cli_main(["--list", "not-a-list-id"]) == 2
+    assert cli_main(["--list", "0" * 32 + ":test-key:not-a-client-id"]) == 2
+    assert cli_main(["--custom-field", "tier:MultiSelectOne"]) == 2  # options needed
+    assert cli_main(["--custom-field", "x:Colour"]) == 2
     assert cli_main(["--address-throttle", "three"]) == 2
     assert cli_main(["--p-500", "0.8", "--p-503", "0.8"]) == 2
     assert "error" in capsys.readouterr().err

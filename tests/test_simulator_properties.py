@@ -63,7 +63,7 @@ def make_state(
     for email, (name, suppressed) in prior.items():
         if name == "absent":
             if suppressed:
-                state.suppression.setdefault(OWNER, set()).add(email)
+                state.suppress(OWNER, email, now=NOW - 10, reason="Suppressed")
         else:
             state.set_state(lst, email, name, now=NOW - 10, suppress=suppressed)
     return state, lst
@@ -108,10 +108,10 @@ def test_importing_the_same_batch_twice_changes_nothing_the_second_time(
     sim, lst = make_state(prior, report)
     first = sim.import_subscribers(lst, rows, resubscribe=resubscribe, now=NOW)
     snapshot = sim.snapshot(lst)
-    suppressed = set(sim.suppression.get(OWNER, ()))
+    suppressed = sim.suppressed(OWNER)
     second = sim.import_subscribers(lst, rows, resubscribe=resubscribe, now=NOW + 3600)
     assert sim.snapshot(lst) == snapshot
-    assert set(sim.suppression.get(OWNER, ())) == suppressed
+    assert sim.suppressed(OWNER) == suppressed
     assert second.new == 0
     assert second.unique == first.unique
     assert second.failures == first.failures or report == "failure"

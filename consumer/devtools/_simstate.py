@@ -14,12 +14,19 @@ Hazards and choices (see also the simulator module's docstring):
   leaves or changes within that state, so paging a million members is cheap.
 - Errors are raised as `ApiError(status, code, message)`; the HTTP layer turns them into the
   JSON body every 4xx carries.
+- Each owner (API key) is one client with a client ID and a suppression list that keeps, per
+  address, when and why it was suppressed (the first time: suppressing again changes nothing).
+- A list's custom fields are either undeclared (``declared`` False: any key is accepted and
+  stored, as the simulator always did, fields created later notwithstanding) or declared when
+  the list was made: then a key the list lacks, and a value the field's type cannot hold, are
+  ignored, not stored (what integrators report of the real API).
 """
 
 from __future__ import annotations
 
 import calendar
 import functools
+import hashlib
 import math
 import re
 import sys
@@ -40,6 +47,17 @@ INACTIVE: Final = frozenset((UNSUBSCRIBED, BOUNCED, DELETED))
 UnsubscribeSetting = Literal["AllClientLists", "OnlyThisList"]
 ResubscribeFalseReports = Literal["existing", "failure"]
 UNSUBSCRIBE_SETTINGS: Final = ("AllClientLists", "OnlyThisList")
+FIELD_TYPES: Final = (
+    "Text",
+    "Number",
+    "Date",
+    "MultiSelectOne",
+    "MultiSelectMany",
+    "Country",
+    "USState",
+)
+SUPPRESSION_REASONS: Final = {UNSUBSCRIBED: "Unsubscribed", BOUNCED: "Bounced"}
+MANUAL_SUPPRESSION: Final = "Suppressed"
 
 MAX_IMPORT_ROWS: Final = 1000
 MAX_FIELD_CHARS: Final = 250
@@ -49,6 +67,7 @@ MAX_PAGE_SIZE: Final = 1000
 # Codes the API documents or that the official clients and their users have recorded.
 CODE_INVALID_EMAIL: Final = 1
 CODE_BAD_LIST: Final = 101
+CODE_BAD_CLIENT: Final = 102
 CODE_NOT_IN_LIST: Final = 203
 CODE_SUPPRESSED: Final = 204  # v2 API "In Suppression List"
 CODE_IS_DELETED: Final = 205  # v2 API "Is Deleted"
@@ -67,6 +86,9 @@ CODE_PAGE_NUMBER: Final = 800
 CODE_ORDER_FIELD: Final = 802
 CODE_ORDER_DIRECTION: Final = 803
 CODE_DATE: Final = 804
+CODE_FIELD_NAME: Final = 250
+CODE_FIELD_TYPE: Final = 251
+CODE_FIELD_EXISTS: Final = 255
 
 MSG_INVALID_EMAIL: Final = "Invalid Email Address"
 MSG_NOT_IN_LIST: Final = "Subscriber not in list or has already been removed."
@@ -84,6 +106,11 @@ _EMAIL_RE: Final = re.compile(
 _CONSENT: Final[dict[str, str | None]] = {"yes": "Yes", "no": "No", "unchanged": None}
 _LIST_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _ORDER_FIELDS: Final = ("email", "name", "date")
+SUPPRESSION_ORDER_FIELDS: Final = ("email", "date")
+_NUMBER_RE: Final = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_DATE_VALUE_RE: Final = re.compile(r"(\d{4})/(\d{2})/(\d{2})")
+_MIN_DATE_VALUE: Final = (1900, 1, 1)
+_MAX_DATE_VALUE: Final = (2076, 6, 6)
 _NO_FIELDS: tuple[str, ...] = ()
 
 
@@ -113,6 +140,77 @@ def is_valid_email(email: str) -> bool:
 
 def is_list_id(value: str) -> bool:
     return _LIST_ID_RE.fullmatch(value) is not None
+
+
+def default_client_id(owner: str) -> str:
+    """The client ID of an owner (API key) that was given none: derived from the key, so the
+    same key always names the same client (32 lower-case hex, like a ListID)."""
+    return hashlib.md5(owner.encode(), usedforsecurity=False).hexdigest()
+
+
+def field_key(field_name: str) -> str:
+    """The key Campaign Monitor gives a new custom field, without its brackets: the name with
+    white space removed ("subscription date" -> "subscriptiondate", as the official clients'
+    fixtures show; whether the real API also lower-cases is unknown, the simulator does not)."""
+    return "".join(field_name.split())
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDef:
+    """One custom field of a list: `key` is stored without brackets, shown as ``[key]``."""
+
+    name: str
+    key: str
+    data_type: str
+    options: tuple[str, ...] = ()
+    visible: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "FieldName": self.name,
+            "Key": f"[{self.key}]",
+            "DataType": self.data_type,
+            "FieldOptions": list(self.options),
+            "VisibleInPreferenceCenter": self.visible,
+        }
+
+    def accepts(self, value: str) -> bool:
+        """Whether a (non-empty) value fits the field's type: Number a decimal number, Date
+        YYYY/MM/DD between 1900/01/01 and 2076/06/06, a multi-select value one of the options;
+        Text, Country and USState take any text."""
+        if self.data_type == "Number":
+            return _NUMBER_RE.fullmatch(value.strip()) is not None
+        if self.data_type == "Date":
+            m = _DATE_VALUE_RE.fullmatch(value.strip())
+            if m is None:
+                return False
+            ymd = (int(m[1]), int(m[2]), int(m[3]))
+            try:
+                time.strptime(value.strip(), "%Y/%m/%d")
+            except ValueError:
+                return False
+            return _MIN_DATE_VALUE <= ymd <= _MAX_DATE_VALUE
+        if self.data_type in ("MultiSelectOne", "MultiSelectMany"):
+            return value in self.options
+        return True
+
+
+def make_field(
+    name: str, data_type: str, options: Sequence[str] = (), *, visible: bool = True
+) -> FieldDef:
+    """A validated field definition; raises ApiError 400 (Code 250 bad name, 251 bad type)."""
+    key = field_key(name) if isinstance(name, str) else ""
+    if not key or len(name) > 100 or "[" in key or "]" in key:
+        raise ApiError(400, CODE_FIELD_NAME, "Invalid field name")
+    if data_type not in FIELD_TYPES:
+        raise ApiError(400, CODE_FIELD_TYPE, "Invalid field data type")
+    if data_type.startswith("MultiSelect"):
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise ApiError(400, CODE_FIELD_TYPE, "A multi-select field needs options")
+        kept = tuple(dict.fromkeys(options))
+    else:
+        kept = ()
+    return FieldDef(name, key, data_type, kept, visible)
 
 
 def parse_bool(value: object) -> bool:
@@ -172,6 +270,51 @@ class SimList:
     versions: list[int] = field(default_factory=lambda: [0] * 5)
     views: dict[tuple[int, str, bool, int], tuple[int, list[str]]] = field(default_factory=dict)
     field_order: dict[str, int] = field(default_factory=dict)  # custom field key -> position
+    fields: dict[str, FieldDef] = field(default_factory=dict)  # declared fields, by key
+    declared: bool = False  # False: any key is accepted and stored (the fields notwithstanding)
+
+    def custom_fields(self) -> list[dict[str, Any]]:
+        """The answer of `GET /lists/{id}/customfields.json` (the fields, in creation order)."""
+        return [f.to_json() for f in self.fields.values()]
+
+    def add_field(self, definition: FieldDef) -> str:
+        """Create a field (`POST /lists/{id}/customfields.json`); returns ``[key]``. A key the
+        list has already is Code 255."""
+        if definition.key in self.fields:
+            raise ApiError(400, CODE_FIELD_EXISTS, "Field key already exists")
+        self.fields[definition.key] = definition
+        if definition.key not in self.field_order:
+            self.field_order[definition.key] = len(self.field_order)
+        return f"[{definition.key}]"
+
+    def keep_fields(self, incoming: object) -> object:
+        """On a list with declared fields, the submitted items whose key the list has and whose
+        value the field can hold (clears always pass); on an undeclared list, all of them."""
+        declared = self.fields
+        if not self.declared or not isinstance(incoming, list):
+            return incoming
+        kept: list[object] = []
+        for item in incoming:
+            if not isinstance(item, dict):
+                continue
+            raw_key = item.get("Key")
+            if not isinstance(raw_key, str):
+                continue
+            definition = declared.get(_intern_key(raw_key))
+            if definition is None:
+                continue
+            value = item.get("Value")
+            if parse_bool(item.get("Clear")) or value is None or value == "":
+                kept.append(item)
+                continue
+            text = value if isinstance(value, str) else _scalar_text(value)
+            if definition.accepts(text):
+                kept.append(item)
+        if kept:
+            for d in declared.values():
+                if d.data_type == "MultiSelectOne":
+                    kept = _last_only(kept, d.key)
+        return kept
 
     def details(self) -> dict[str, Any]:
         return {
@@ -212,6 +355,48 @@ class SimList:
             "BouncesThisYear": 0,
         }
         return out
+
+
+def _last_only(items: list[object], key: str) -> list[object]:
+    """A MultiSelectOne field keeps one value: the last one submitted for its key."""
+    same = [
+        i
+        for i, item in enumerate(items)
+        if isinstance(item, dict)
+        and isinstance(item.get("Key"), str)
+        and _intern_key(item["Key"]) == key
+    ]
+    if len(same) < 2:
+        return items
+    drop = set(same[:-1])
+    return [item for i, item in enumerate(items) if i not in drop]
+
+
+@dataclass(slots=True)
+class Suppressed:
+    """One address on a client's suppression list: as first submitted, when, why."""
+
+    email: str
+    date: int  # epoch seconds
+    reason: str  # "Unsubscribed", "Bounced" or "Suppressed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "SuppressionReason": self.reason,
+            "EmailAddress": self.email,
+            "Date": format_date(self.date),
+            "State": "Suppressed",
+        }
+
+
+@dataclass(slots=True)
+class Client:
+    """One owner (API key) as a Campaign Monitor client: its ID and its suppression list."""
+
+    client_id: str
+    suppression: dict[str, Suppressed] = field(default_factory=dict)  # lower-cased address
+    version: int = 0
+    views: dict[tuple[str, bool], tuple[int, list[str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +440,11 @@ class PageRequest:
     since: int = 0  # epoch seconds; members whose Date is on/after it (0: all)
 
 
-def parse_page_request(query: Mapping[str, str]) -> PageRequest:
-    """Validate the query of a paged listing; raise ApiError 400 on a bad value."""
+def parse_page_request(
+    query: Mapping[str, str], order_fields: Sequence[str] = _ORDER_FIELDS
+) -> PageRequest:
+    """Validate the query of a paged listing; raise ApiError 400 on a bad value. The ``date``
+    filter takes ``YYYY-MM-DD``, ``YYYY-MM-DD HH:MM`` or ``YYYY-MM-DD HH:MM:SS``."""
     try:
         page = int(query.get("page") or 1)
     except ValueError:
@@ -270,8 +458,10 @@ def parse_page_request(query: Mapping[str, str]) -> PageRequest:
     if not MIN_PAGE_SIZE <= size <= MAX_PAGE_SIZE:
         raise ApiError(400, CODE_PAGE_SIZE, "Invalid page size; must be between 10 and 1000")
     order = (query.get("orderfield") or "email").lower()
-    if order not in _ORDER_FIELDS:
-        raise ApiError(400, CODE_ORDER_FIELD, "Invalid order field; use email, name or date")
+    if order not in order_fields:
+        raise ApiError(
+            400, CODE_ORDER_FIELD, "Invalid order field; use " + " or ".join(order_fields)
+        )
     direction = (query.get("orderdirection") or "asc").lower()
     if direction not in ("asc", "desc"):
         raise ApiError(400, CODE_ORDER_DIRECTION, "Invalid order direction; use asc or desc")
@@ -340,7 +530,64 @@ class SimState:
         self.resubscribe_false_reports: ResubscribeFalseReports = resubscribe_false_reports
         self.invalid_list_status = invalid_list_status
         self.lists: dict[str, SimList] = {}
-        self.suppression: dict[str, set[str]] = {}  # API key -> lower-cased addresses
+        self.clients: dict[str, Client] = {}  # API key -> its client
+
+    # clients ---------------------------------------------------------------------------------
+    def client(self, owner: str, client_id: str | None = None) -> Client:
+        """The owner's client, made on first use with `client_id` (default: derived from the
+        key). A different `client_id` for an owner that has one is a ValueError."""
+        found = self.clients.get(owner)
+        if found is None:
+            cid = client_id if client_id is not None else default_client_id(owner)
+            if not is_list_id(cid):
+                raise ValueError("a client ID is 32 lower-case hex characters")
+            if any(c.client_id == cid for c in self.clients.values()):
+                raise ValueError("that client ID belongs to another API key")
+            found = self.clients[owner] = Client(cid)
+        elif client_id is not None and client_id != found.client_id:
+            raise ValueError("that API key has another client ID already")
+        return found
+
+    def get_client(self, owner: str, client_id: str) -> Client:
+        """The owner's client if `client_id` is its ID; else Code 102 (with the status of Code
+        101: ``invalid_list_status``)."""
+        found = self.client(owner)
+        if found.client_id != client_id:
+            raise ApiError(self.invalid_list_status, CODE_BAD_CLIENT, "Invalid ClientID")
+        return found
+
+    def suppress(self, owner: str, email: str, *, now: int, reason: str) -> None:
+        """Put an address on the owner's suppression list; one already there keeps its date
+        and reason."""
+        key = email.lower()
+        client = self.client(owner)
+        if key not in client.suppression:
+            client.suppression[key] = Suppressed(email, now, reason)
+            client.version += 1
+
+    def suppressed(self, owner: str) -> set[str]:
+        """The owner's suppression list (lower-cased addresses)."""
+        client = self.clients.get(owner)
+        return set(client.suppression) if client is not None else set()
+
+    def suppression_page(self, client: Client, req: PageRequest) -> dict[str, Any]:
+        """The paged envelope of `GET /clients/{id}/suppressionlist.json` (order: email or
+        date, then email)."""
+        view_key = (req.order_field, req.descending)
+        cached = client.views.get(view_key)
+        if cached is not None and cached[0] == client.version:
+            keys = cached[1]
+        else:
+            sup = client.suppression
+            keys = list(sup)
+            if req.order_field == "date":
+                keys.sort(key=lambda k: (sup[k].date, k), reverse=req.descending)
+            else:
+                keys.sort(reverse=req.descending)
+            client.views[view_key] = (client.version, keys)
+        start = (req.page - 1) * req.page_size
+        results = [client.suppression[k].to_json() for k in keys[start : start + req.page_size]]
+        return _envelope(results, req, len(keys))
 
     # lists -----------------------------------------------------------------------------------
     def add_list(
@@ -351,7 +598,12 @@ class SimState:
         unsubscribe_setting: str,
         owner: str,
         confirmed_opt_in: bool = False,
+        custom_fields: Sequence[FieldDef] | None = None,
+        client_id: str | None = None,
     ) -> SimList:
+        """A new list of `owner`, whose client gets `client_id` (see `client`). With
+        `custom_fields` (even empty) the list's fields are declared (see the module docstring).
+        Raises ValueError on a bad argument."""
         if not is_list_id(list_id):
             raise ValueError("a ListID is 32 lower-case hex characters")
         if list_id in self.lists:
@@ -361,7 +613,14 @@ class SimState:
         setting: UnsubscribeSetting = (
             "AllClientLists" if unsubscribe_setting == "AllClientLists" else "OnlyThisList"
         )
+        if custom_fields is not None and len({f.key for f in custom_fields}) < len(custom_fields):
+            raise ValueError("two custom fields have the same key")
+        self.client(owner, client_id)
         lst = SimList(list_id, title, setting, owner, confirmed_opt_in)
+        if custom_fields is not None:
+            lst.declared = True
+            for definition in custom_fields:
+                lst.add_field(definition)
         self.lists[list_id] = lst
         return lst
 
@@ -373,8 +632,8 @@ class SimState:
         return lst
 
     def is_suppressed(self, owner: str, key: str) -> bool:
-        sup = self.suppression.get(owner)
-        return sup is not None and key in sup
+        client = self.clients.get(owner)
+        return client is not None and key in client.suppression
 
     # writes ----------------------------------------------------------------------------------
     def import_subscribers(
@@ -473,7 +732,7 @@ class SimState:
                 return (CODE_CONSENT_INVALID, "Invalid consent to track value")
             consent = _CONSENT[consent_raw.lower()]
         sub = lst.subscribers.get(key)
-        fields_in = row.get("CustomFields")
+        fields_in = lst.keep_fields(row.get("CustomFields"))
         old_fields = sub.fields if sub is not None else _NO_FIELDS
         if fields_in:
             merged = merge_fields(old_fields, fields_in, lst.field_order)
@@ -541,7 +800,8 @@ class SimState:
             self._move(lst, sub, UNSUBSCRIBED, now)
         if not suppress:
             return
-        self.suppression.setdefault(lst.owner, set()).add(key)
+        email = sub.email if sub is not None else key
+        self.suppress(lst.owner, email, now=now, reason="Unsubscribed")
         for other in self.lists.values():
             if other is lst or other.owner != lst.owner:
                 continue
@@ -570,7 +830,9 @@ class SimState:
         """Test/demo hook: force an address into a state, creating it if needed.
         `state_name` "Unsubscribed" behaves like the subscriber's own unsubscribe (suppression
         on AllClientLists lists) unless `suppress` says otherwise; `suppress=True` puts the
-        address on the client's suppression list whatever the state."""
+        address on the client's suppression list whatever the state (reason "Unsubscribed" or
+        "Bounced" after the state, else "Suppressed"), dated `now`. A change of state stamps
+        the subscriber's ``Date`` with `now` (what a ``date=`` listing filters on)."""
         state = STATE_BY_NAME.get(state_name.lower())
         if state is None:
             raise ValueError("unknown state")
@@ -593,7 +855,8 @@ class SimState:
             if suppress:
                 self._unsubscribe(lst, key, now, suppress=True)
         elif suppress:
-            self.suppression.setdefault(lst.owner, set()).add(key)
+            reason = SUPPRESSION_REASONS.get(state, MANUAL_SUPPRESSION)
+            self.suppress(lst.owner, sub.email, now=now, reason=reason)
         return sub
 
     # reads -----------------------------------------------------------------------------------
@@ -642,16 +905,7 @@ class SimState:
             subs[k].to_json(include_consent=include_consent)
             for k in keys[start : start + req.page_size]
         ]
-        return {
-            "Results": results,
-            "ResultsOrderedBy": req.order_field,
-            "OrderDirection": "desc" if req.descending else "asc",
-            "PageNumber": req.page,
-            "PageSize": req.page_size,
-            "RecordsOnThisPage": len(results),
-            "TotalNumberOfRecords": total,
-            "NumberOfPages": -(-total // req.page_size),
-        }
+        return _envelope(results, req, total)
 
     def snapshot(self, lst: SimList) -> dict[str, dict[str, Any]]:
         """Every subscriber of a list, keyed by lower-cased address (for tests and /_sim/)."""
@@ -667,6 +921,19 @@ class SimState:
             }
             for key, s in lst.subscribers.items()
         }
+
+
+def _envelope(results: list[dict[str, Any]], req: PageRequest, total: int) -> dict[str, Any]:
+    return {
+        "Results": results,
+        "ResultsOrderedBy": req.order_field,
+        "OrderDirection": "desc" if req.descending else "asc",
+        "PageNumber": req.page,
+        "PageSize": req.page_size,
+        "RecordsOnThisPage": len(results),
+        "TotalNumberOfRecords": total,
+        "NumberOfPages": -(-total // req.page_size),
+    }
 
 
 def _checked_key(email: object) -> str:

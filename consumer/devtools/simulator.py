@@ -2,8 +2,9 @@
 
 An aiohttp server speaking the part of the API that cmsync uses (see
 /work/shared/campaign-monitor-api.md): add, import, unsubscribe, delete and get subscribers, list
-details, list stats and the paged member listings, under ``/api/v3.3/…json``, with Basic (API
-key) and Bearer (OAuth token) auth, per-key rate limiting with ``X-RateLimit-*`` headers, an
+details, list stats, the paged member listings (also filtered by ``date=``), a list's custom
+fields (read and create) and a client's suppression list, under ``/api/v3.3/…json``, with Basic
+(API key) and Bearer (OAuth token) auth, per-key rate limiting with ``X-RateLimit-*`` headers, an
 optional per-address write throttle, seeded fault injection and an admin API under ``/_sim/``.
 
 The HTTP handlers are thin; lists and subscribers live in the plain-Python model of
@@ -24,7 +25,28 @@ picks a code and says so here (and in ``cmsync simulator --help``):
   Deleted, 206 Is Unsubscribed, 207 Is Bounced. A single add answers 201 ("existing") or 400
   with the same code ("failure"). A refused row changes nothing.
 - ``invalid_list_status`` (400 | 401, default 400): the HTTP status of Code 101 (unknown ListID,
-  or a list of another API key).
+  or a list of another API key), and of Code 102 "Invalid ClientID" (an unknown client ID, or
+  that of another API key) on the suppression list.
+- Each API key is one client. Its client ID is given with ``add_list(client_id=…)`` (or
+  ``--list LISTID:KEY:CLIENTID``), else derived from the key (`model.default_client_id`, MD5 of
+  the key in hex); `Simulator.client_id` tells it.
+- Suppression list rows: ``SuppressionReason`` "Unsubscribed" (an unsubscribe on an
+  AllClientLists list, or a forced Unsubscribed state with ``suppress``), "Bounced" (a forced
+  Bounced state with ``suppress``) or "Suppressed" (suppressed in any other state, or through
+  `Simulator.suppress`); ``Date`` is when the address was first suppressed; ``EmailAddress`` as
+  first seen. ``orderfield`` is email or date (ties by address); name → Code 802.
+- Custom fields: a new field's key is its name without white space, in brackets (case kept;
+  the official clients' fixtures show "new date field" → "[newdatefield]"). Creating a field
+  whose key exists: 400 Code 255; an empty or bracketed name: 250; an unknown DataType, or a
+  multi-select field without options: 251. A list made with declared fields (``custom_fields``
+  of `add_list`, ``--custom-field``) ignores, without an error, values for keys it lacks and
+  values its field cannot hold (Number: a decimal number; Date: YYYY/MM/DD within 1900/01/01 ..
+  2076/06/06; multi-select: one of the options, MultiSelectOne keeps the last); a list made
+  without declarations accepts and stores any key (the simulator's behaviour before fields
+  were modelled, which the tests and benchmarks rely on).
+- ``Date`` of a subscriber (also ``StateChangedDate``) is the time of its last state change (or
+  of its creation); ``date=`` keeps the rows whose Date is on or after it, given as
+  ``YYYY-MM-DD``, ``YYYY-MM-DD HH:MM`` or ``YYYY-MM-DD HH:MM:SS`` (UTC).
 - Custom field value over 250 characters: per-row failure Code 216 (a single add: 400 Code 216).
   No source documents a code; the real API may also truncate silently.
 - Missing ``ConsentToTrack`` on a single add: 400 Code 214; a value other than Yes/No/Unchanged:
@@ -47,7 +69,7 @@ picks a code and says so here (and in ``cmsync simulator --help``):
   Unconfirmed. ``Resubscribe: true`` makes a suppressed address Active in the list but leaves
   it on the suppression list (what Campaign Monitor describes for organic resubscribes).
 - A single add to a ConfirmedOptIn list creates an Unconfirmed subscriber; imports make
-  subscribers Active. Custom field keys may be written ``[Key]``; any key is accepted.
+  subscribers Active. Custom field keys may be written ``[Key]``.
 - The per-address throttle counts each accepted write of an address (add, import row,
   unsubscribe, delete) per list; a throttled import applies none of its rows.
 
@@ -85,6 +107,7 @@ from consumer.devtools._simstate import ApiError, SimList, SimState, TokenBucket
 __all__ = [
     "AddressThrottle",
     "AppliedWrite",
+    "CustomFieldSpec",
     "FaultConfig",
     "Observer",
     "Served",
@@ -104,8 +127,13 @@ ENDPOINTS: Final = (
     "list_details",
     "list_stats",
     "members",
+    "custom_fields",
+    "create_custom_field",
+    "suppression_list",
     "unknown",
 )
+#: Endpoints whose path names a client (``/clients/{clientid}/…``), not a list.
+CLIENT_ENDPOINTS: Final = frozenset({"suppression_list"})
 _DROP: Final = 0
 _STATE_PATHS: Final = {
     "active": model.ACTIVE,
@@ -198,6 +226,36 @@ class AddressThrottle:
         if throttle.max_writes < 1 or throttle.window_s <= 0:
             raise ValueError("N must be >= 1 and W > 0")
         return throttle
+
+
+@dataclass(frozen=True)
+class CustomFieldSpec:
+    """A custom field to declare on a new list (`Simulator.add_list`, ``--custom-field``)."""
+
+    name: str
+    data_type: str = "Text"  # Text | Number | Date | MultiSelectOne | MultiSelectMany | …
+    options: tuple[str, ...] = ()
+    visible_in_preference_center: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> CustomFieldSpec:
+        """``NAME[:TYPE[:OPT1|OPT2…]]``, e.g. ``city``, ``age:Number``,
+        ``tier:MultiSelectOne:gold|silver``."""
+        name, _, rest = text.partition(":")
+        data_type, _, options = rest.partition(":")
+        return cls(name, data_type or "Text", tuple(o for o in options.split("|") if o))
+
+    def definition(self) -> model.FieldDef:
+        """The model's field; raises ValueError on a bad name, type or options."""
+        try:
+            return model.make_field(
+                self.name,
+                self.data_type,
+                self.options,
+                visible=self.visible_in_preference_center,
+            )
+        except ApiError as exc:
+            raise ValueError(f"custom field {self.name!r}: {exc.message}") from None
 
 
 @dataclass
@@ -330,8 +388,15 @@ class Simulator:
         unsubscribe_setting: model.UnsubscribeSetting = "AllClientLists",
         api_key: str | None = None,
         confirmed_opt_in: bool = False,
+        custom_fields: Sequence[CustomFieldSpec] | None = None,
+        client_id: str | None = None,
     ) -> str:
-        """Create a list owned by `api_key` (default: the first API key); returns its ListID."""
+        """Create a list owned by `api_key` (default: the first API key); returns its ListID.
+
+        `client_id` sets the key's client ID (only where the key has none yet, or the same; by
+        default one is derived from the key). `custom_fields` declares the list's fields: values
+        for other keys, or that a field cannot hold, are then ignored; None (the default)
+        accepts and stores any key. Raises ValueError on a bad argument."""
         owner = api_key if api_key is not None else self._default_owner
         lst = self.state.add_list(
             list_id if list_id is not None else uuid.uuid4().hex,
@@ -339,8 +404,20 @@ class Simulator:
             unsubscribe_setting=unsubscribe_setting,
             owner=owner,
             confirmed_opt_in=confirmed_opt_in,
+            custom_fields=(
+                None if custom_fields is None else [spec.definition() for spec in custom_fields]
+            ),
+            client_id=client_id,
         )
         return lst.list_id
+
+    def client_id(self, api_key: str | None = None) -> str:
+        """The client ID of `api_key` (default: the first API key)."""
+        return self.state.client(api_key or self._default_owner).client_id
+
+    def custom_fields(self, list_id: str) -> list[dict[str, Any]]:
+        """The list's custom fields, as `GET /lists/{id}/customfields.json` answers."""
+        return self._list(list_id).custom_fields()
 
     def list_state(self, list_id: str) -> dict[str, dict[str, Any]]:
         """Subscribers of a list: {email_lower: {"EmailAddress", "Name", "State",
@@ -349,7 +426,16 @@ class Simulator:
 
     def suppressed(self, api_key: str | None = None) -> set[str]:
         """The client's suppression list (lower-cased addresses)."""
-        return set(self.state.suppression.get(api_key or self._default_owner, ()))
+        return self.state.suppressed(api_key or self._default_owner)
+
+    def suppress(
+        self, email: str, *, api_key: str | None = None, reason: str = "Suppressed"
+    ) -> None:
+        """Put an address on the client's suppression list now (as an administrator would),
+        whether or not it is on any list; an address already there keeps its date."""
+        if not model.is_valid_email(email):
+            raise ValueError("invalid email address")
+        self.state.suppress(api_key or self._default_owner, email, now=self._now(), reason=reason)
 
     def force_state(
         self,
@@ -579,14 +665,21 @@ class Simulator:
                     body=RATE_LIMITED_BODY, status=429, content_type=_JSON, headers=headers
                 )
 
+        status: int
+        body: bytes | None
         try:
             if endpoint == "unknown":
                 raise ApiError(404, 404, "Resource not found")
-            lst = self.state.get_list(principal, list_id)
-            exchange.handled = True
-            status, body = await self._handle(
-                endpoint, request, lst, state, now, exchange.addresses
-            )
+            if endpoint in CLIENT_ENDPOINTS:
+                client = self.state.get_client(principal, list_id)
+                exchange.handled = True
+                status, body = 200, self._handle_client(endpoint, request, client)
+            else:
+                lst = self.state.get_list(principal, list_id)
+                exchange.handled = True
+                status, body = await self._handle(
+                    endpoint, request, lst, state, now, exchange.addresses
+                )
         except ApiError as exc:
             return self._reply(endpoint, exc.status, exc.body(), headers)
         except _ThrottledError:
@@ -688,8 +781,18 @@ class Simulator:
             return 200, orjson.dumps(lst.details())
         if endpoint == "list_stats":
             return 200, orjson.dumps(lst.stats())
+        if endpoint == "custom_fields":
+            return 200, orjson.dumps(lst.custom_fields())
+        if endpoint == "create_custom_field":
+            return 201, orjson.dumps(lst.add_field(_field_from_body(await _json_body(request))))
         page_request = model.parse_page_request(query)
         return 200, orjson.dumps(st.page(lst, state, page_request, include_consent=include_consent))
+
+    def _handle_client(self, endpoint: str, request: web.Request, client: model.Client) -> bytes:
+        """Serve one request on a client (today only its suppression list)."""
+        assert endpoint == "suppression_list"
+        req = model.parse_page_request(request.query, model.SUPPRESSION_ORDER_FIELDS)
+        return orjson.dumps(self.state.suppression_page(client, req))
 
     def _addressed(self, body: object, seen: list[str] | None) -> tuple[str, tuple[str, ...]]:
         """The ``EmailAddress`` of a single-subscriber body ("" when absent), and its throttle
@@ -790,6 +893,8 @@ class Simulator:
                     unsubscribe_setting=_setting(body.get("unsubscribe_setting")),
                     api_key=_opt_str(body, "api_key"),
                     confirmed_opt_in=body.get("confirmed_opt_in") is True,
+                    custom_fields=_field_specs(body.get("custom_fields")),
+                    client_id=_opt_str(body, "client_id"),
                 )
                 return _admin_json(201, {"ListID": list_id})
             if len(parts) == 2 and parts[0] == "lists" and method == "GET":
@@ -802,7 +907,9 @@ class Simulator:
                         **lst.details(),
                         "Stats": lst.stats(),
                         "Subscribers": self.state.snapshot(lst),
-                        "SuppressionList": sorted(self.state.suppression.get(lst.owner, ())),
+                        "ClientID": self.state.client(lst.owner).client_id,
+                        "CustomFields": lst.custom_fields(),
+                        "SuppressionList": sorted(self.state.suppressed(lst.owner)),
                     },
                 )
             if len(parts) == 3 and parts[0] == "lists" and parts[2] == "state":
@@ -823,6 +930,16 @@ class Simulator:
                     suppress=suppress if isinstance(suppress, bool) else None,
                 )
                 return _admin_json(200, self.list_state(parts[1]).get(email.lower()))
+            if parts == ["suppression"] and method == "POST":
+                body = await _admin_body(request)
+                email = body.get("email")
+                if not isinstance(email, str):
+                    raise ValueError("email is a required string")
+                api_key = _opt_str(body, "api_key")
+                self.suppress(
+                    email, api_key=api_key, reason=_opt_str(body, "reason") or "Suppressed"
+                )
+                return _admin_json(200, {"SuppressionList": sorted(self.suppressed(api_key))})
             if parts == ["faults"]:
                 if method == "GET":
                     return _admin_json(200, asdict(self.faults))
@@ -851,7 +968,8 @@ class _ThrottledError(Exception):
 
 
 def _route(method: str, tail: str) -> tuple[str, str, int]:
-    """(endpoint name, list id, member state) of an API path below /api/v3.3/."""
+    """(endpoint name, list id (a client ID for `CLIENT_ENDPOINTS`), member state) of an API
+    path below /api/v3.3/."""
     if not tail.endswith(".json"):
         return "unknown", "", 0
     parts = tail[:-5].split("/")
@@ -872,10 +990,36 @@ def _route(method: str, tail: str) -> tuple[str, str, int]:
         elif kind == "lists" and method == "GET":
             if action == "stats":
                 return "list_stats", list_id, 0
+            if action == "customfields":
+                return "custom_fields", list_id, 0
             state = _STATE_PATHS.get(action)
             if state is not None:
                 return "members", list_id, state
+        elif kind == "lists" and method == "POST" and action == "customfields":
+            return "create_custom_field", list_id, 0
+        elif kind == "clients" and method == "GET" and action == "suppressionlist":
+            return "suppression_list", list_id, 0
     return "unknown", "", 0
+
+
+def _field_from_body(body: object) -> model.FieldDef:
+    """The field a `POST /lists/{id}/customfields.json` body asks for (ApiError 400 if bad)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, model.CODE_BAD_REQUEST, "Failed to deserialize your request")
+    name, data_type = body.get("FieldName"), body.get("DataType")
+    options = body.get("Options")
+    if not isinstance(name, str):
+        raise ApiError(400, model.CODE_FIELD_NAME, "Invalid field name")
+    if not isinstance(data_type, str):
+        raise ApiError(400, model.CODE_FIELD_TYPE, "Invalid field data type")
+    if options is None:
+        options = []
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ApiError(400, model.CODE_FIELD_TYPE, "Options must be a list of strings")
+    visible = body.get("VisibleInPreferenceCenter")
+    return model.make_field(
+        name, data_type, options, visible=True if visible is None else model.parse_bool(visible)
+    )
 
 
 def _row_keys(rows: object) -> tuple[str, ...]:
@@ -919,6 +1063,25 @@ def _opt_str(body: Mapping[str, object], name: str) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string")
     return value
+
+
+def _field_specs(value: object) -> list[CustomFieldSpec] | None:
+    """The admin API's ``custom_fields``: [{"name", "data_type"?, "options"?}, …] or absent."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError("custom_fields must be a list")
+    specs = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError("each custom field needs a name")
+        options = item.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise ValueError("custom field options must be a list of strings")
+        specs.append(
+            CustomFieldSpec(item["name"], _opt_str(item, "data_type") or "Text", tuple(options))
+        )
+    return specs
 
 
 def _setting(value: object) -> model.UnsubscribeSetting:
@@ -972,17 +1135,24 @@ settings that model UNCERTAIN behaviour of the real API (and their defaults):
                                "existing" (DEFAULT: counted in TotalExistingSubscribers) or
                                "failure" (FailureDetails row, Code 204 suppressed, 205 deleted,
                                206 unsubscribed, 207 bounced; a single add answers 400 with it)
-  --invalid-list-status        HTTP status of Code 101 (unknown ListID): 400 (DEFAULT) or 401
+  --invalid-list-status        HTTP status of Code 101 (unknown ListID): 400 (DEFAULT) or 401;
+                               also of Code 102 (a client ID not of the request's API key)
   --rate-limit-rps/--rate-burst  no limit is published for subscriber endpoints; the bucket
                                and its X-RateLimit-* headers are a model (DEFAULT: no limit)
   --address-throttle N/W       the observed "added too many times too quickly" 429
                                (DEFAULT: off)
+  --custom-field               a value for a key the list lacks, or that the field cannot hold,
+                               is ignored without an error (lists without --custom-field
+                               accept and store any key)
 codes the simulator chose where no source documents one:
   216 custom field value over 250 characters (per row); 214 ConsentToTrack missing on a
   single add, 215 invalid; 800 bad page, 802 bad orderfield, 803 bad orderdirection,
-  804 bad date; 400 malformed body; 50 no credentials.
+  804 bad date; 400 malformed body; 50 no credentials; 250 bad field name, 251 bad field
+  type or options, 255 field key exists.
+other choices: a client ID defaults to the MD5 (hex) of its API key; a new field's key is its
+  name without white space, in brackets; suppression rows are dated when first suppressed.
 admin API (no auth): GET/POST /_sim/lists, GET /_sim/lists/ID, POST /_sim/lists/ID/state,
-  GET/POST /_sim/faults, GET /_sim/stats, POST /_sim/reset-stats
+  POST /_sim/suppression, GET/POST /_sim/faults, GET /_sim/stats, POST /_sim/reset-stats
 """
 
 
@@ -1015,10 +1185,26 @@ def _parser() -> argparse.ArgumentParser:
         "--list",
         action="append",
         dest="lists",
-        metavar="LISTID[:KEY]",
+        metavar="LISTID[:KEY[:CLIENTID]]",
         default=[],
-        help="create a list (32 hex chars) owned by KEY (default: first API key); repeatable; "
-        "without any, one list with a random ID is created",
+        help="create a list (32 hex chars) owned by KEY (default: first API key), whose client "
+        "ID (32 hex chars) is CLIENTID (default: derived from the key); repeatable; without "
+        "any, one list with a random ID is created",
+    )
+    p.add_argument(
+        "--custom-field",
+        action="append",
+        dest="custom_fields",
+        metavar="NAME[:TYPE[:OPT|OPT…]]",
+        default=None,
+        help="declare a custom field on the lists created (repeatable); TYPE is Text "
+        "(default), Number, Date, MultiSelectOne, MultiSelectMany, Country or USState; "
+        "multi-select fields need options, e.g. tier:MultiSelectOne:gold|silver",
+    )
+    p.add_argument(
+        "--confirmed-opt-in",
+        action="store_true",
+        help="create the lists with ConfirmedOptIn true (single adds make Unconfirmed members)",
     )
     p.add_argument(
         "--only-this-list",
@@ -1063,7 +1249,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_from_args(ns: argparse.Namespace) -> tuple[SimulatorConfig, list[tuple[str, str]]]:
+def _config_from_args(
+    ns: argparse.Namespace,
+) -> tuple[SimulatorConfig, list[tuple[str, str, str | None]]]:
     api_keys = tuple(ns.api_keys or ["test-key"])
     script = [int(s) for s in ns.script.split(",") if s.strip()]
     faults = FaultConfig(
@@ -1089,14 +1277,17 @@ def _config_from_args(ns: argparse.Namespace) -> tuple[SimulatorConfig, list[tup
         resubscribe_false_reports=ns.resubscribe_false_reports,
         invalid_list_status=ns.invalid_list_status,
     )
-    lists: list[tuple[str, str]] = []
+    lists: list[tuple[str, str, str | None]] = []
     for spec in ns.lists:
-        list_id, _, key = spec.partition(":")
+        list_id, _, rest = spec.partition(":")
+        key, _, client_id = rest.partition(":")
         if not model.is_list_id(list_id):
             raise ValueError("a ListID is 32 lower-case hex characters")
         if key and key not in api_keys:
             raise ValueError("--list names a key that is not among --api-key")
-        lists.append((list_id, key or api_keys[0]))
+        if client_id and not model.is_list_id(client_id):
+            raise ValueError("a client ID is 32 lower-case hex characters")
+        lists.append((list_id, key or api_keys[0], client_id or None))
     return config, lists
 
 
@@ -1112,8 +1303,20 @@ def cli_main(argv: list[str]) -> int:
         setting: model.UnsubscribeSetting = (
             "OnlyThisList" if ns.only_this_list else "AllClientLists"
         )
-        for list_id, key in lists or [(uuid.uuid4().hex, config.api_keys[0])]:
-            sim.add_list(list_id, api_key=key, unsubscribe_setting=setting)
+        custom_fields = (
+            None
+            if ns.custom_fields is None
+            else [CustomFieldSpec.parse(spec) for spec in ns.custom_fields]
+        )
+        for list_id, key, client_id in lists or [(uuid.uuid4().hex, config.api_keys[0], None)]:
+            sim.add_list(
+                list_id,
+                api_key=key,
+                unsubscribe_setting=setting,
+                confirmed_opt_in=ns.confirmed_opt_in,
+                custom_fields=custom_fields,
+                client_id=client_id,
+            )
     except ValueError as exc:
         print(f"cmsync simulator: error: {exc}", file=sys.stderr)
         return 2
@@ -1135,4 +1338,6 @@ async def _run(sim: Simulator, host: str, port: int) -> None:
         print(base_url, flush=True)
         for list_id in sim.state.lists:
             print(f"list {list_id}", flush=True)
+        for client in sim.state.clients.values():
+            print(f"client {client.client_id}", flush=True)
         await stop.wait()
