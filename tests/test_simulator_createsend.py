@@ -18,14 +18,24 @@ import createsend.createsend
 import createsend.utils
 import pytest
 import trustme
-from createsend import BadRequest, ClientError, List, ServerError, Subscriber, Unauthorized
+from createsend import (
+    BadRequest,
+    Client,
+    ClientError,
+    List,
+    ServerError,
+    Subscriber,
+    Unauthorized,
+)
 
-from consumer.devtools.simulator import FaultConfig, Simulator, SimulatorConfig
-from tests.simulator_fixtures import SimulatorThread
+from consumer.devtools.simulator import CustomFieldSpec, FaultConfig, Simulator, SimulatorConfig
+from tests.simulator_fixtures import FakeClock, SimulatorThread
 
 API_KEY = "cs-test-key"
 TOKEN = "ASP95S4aR+9KsgfHB0dapTYxNA=="
 AUTH = {"api_key": API_KEY}
+#: 2030-01-02 03:04:00 UTC: the simulator's wall clock starts here (dates shown to clients).
+T0 = 1893553440
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +44,15 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture
-def sim() -> Simulator:
-    return Simulator(SimulatorConfig(api_keys=(API_KEY, "other-key"), oauth_tokens=(TOKEN,)))
+def wall() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture
+def sim(wall: FakeClock) -> Simulator:
+    return Simulator(
+        SimulatorConfig(api_keys=(API_KEY, "other-key"), oauth_tokens=(TOKEN,)), wall_clock=wall
+    )
 
 
 @pytest.fixture
@@ -227,3 +244,119 @@ def test_rate_limit_and_server_errors_carry_json_bodies(cs: Simulator, list_id: 
     with pytest.raises(ServerError, match="Code: 500"):
         List(AUTH, list_id).stats()
     assert List(AUTH, list_id).stats().TotalActiveSubscribers == 0
+
+
+# consent, list settings and reconciliation ---------------------------------------------------
+
+
+def test_suppression_list_pages_in_both_orders(cs: Simulator, wall: FakeClock) -> None:
+    list_id = cs.add_list(title="All client lists")
+    Subscriber(AUTH).import_subscribers(list_id, _rows("u@example.com"), True)
+    Subscriber(AUTH, list_id, "u@example.com").unsubscribe()  # AllClientLists: suppressed
+    for n in range(11):
+        wall.advance(60)
+        cs.force_state(list_id, f"b{n:02d}@example.com", "Bounced", suppress=True)
+    client = Client(AUTH, cs.client_id(API_KEY))
+
+    first = client.suppressionlist(page=1, page_size=10)
+    assert first.ResultsOrderedBy == "email"
+    assert first.OrderDirection == "asc"
+    assert (first.PageNumber, first.PageSize, first.RecordsOnThisPage) == (1, 10, 10)
+    assert (first.TotalNumberOfRecords, first.NumberOfPages) == (12, 2)
+    row = first.Results[0]
+    assert (row.EmailAddress, row.SuppressionReason, row.State) == (
+        "b00@example.com",
+        "Bounced",
+        "Suppressed",
+    )
+    assert row.Date == "2030-01-02 03:05:00"
+    second = client.suppressionlist(page=2, page_size=10)
+    assert [r.EmailAddress for r in second.Results] == ["b10@example.com", "u@example.com"]
+    assert second.Results[1].SuppressionReason == "Unsubscribed"
+
+    newest = client.suppressionlist(order_field="date", order_direction="desc")
+    assert newest.ResultsOrderedBy == "date"
+    assert newest.OrderDirection == "desc"
+    emails = [r.EmailAddress for r in newest.Results]
+    assert emails == [f"b{n:02d}@example.com" for n in reversed(range(11))] + ["u@example.com"]
+    oldest = client.suppressionlist(order_field="date", order_direction="asc")
+    assert [r.EmailAddress for r in oldest.Results] == list(reversed(emails))
+
+    with pytest.raises(BadRequest) as err:
+        Client({"api_key": "other-key"}, cs.client_id(API_KEY)).suppressionlist()
+    assert err.value.data.Code == 102
+
+
+def test_custom_fields_get_and_create(cs: Simulator) -> None:
+    list_id = cs.add_list(
+        custom_fields=[
+            CustomFieldSpec("website"),
+            CustomFieldSpec("newsletterformat", "MultiSelectOne", ("HTML", "Text")),
+        ]
+    )
+    key = List(AUTH, list_id).create_custom_field("new date field", "Date")
+    assert key == "[newdatefield]"
+    tier = List(AUTH, list_id).create_custom_field(
+        "tier", "MultiSelectMany", ["gold", "silver"], visible_in_preference_center=False
+    )
+    assert tier == "[tier]"
+
+    fields = List(AUTH, list_id).custom_fields()
+    assert [(f.FieldName, f.Key, f.DataType) for f in fields] == [
+        ("website", "[website]", "Text"),
+        ("newsletterformat", "[newsletterformat]", "MultiSelectOne"),
+        ("new date field", "[newdatefield]", "Date"),
+        ("tier", "[tier]", "MultiSelectMany"),
+    ]
+    assert fields[1].FieldOptions == ["HTML", "Text"]
+    assert fields[0].FieldOptions == []
+    assert fields[0].VisibleInPreferenceCenter is True
+    assert fields[3].VisibleInPreferenceCenter is False
+
+    with pytest.raises(BadRequest) as err:
+        List(AUTH, list_id).create_custom_field("website", "Text")
+    assert err.value.data.Code == 255
+    with pytest.raises(BadRequest) as err:
+        List(AUTH, list_id).create_custom_field("colour", "Colour")
+    assert err.value.data.Code == 251
+
+
+def test_list_details_carry_the_unsubscribe_setting_and_confirmed_opt_in(cs: Simulator) -> None:
+    list_id = cs.add_list(unsubscribe_setting="OnlyThisList", confirmed_opt_in=True)
+    details = List(AUTH, list_id).details()
+    assert details.UnsubscribeSetting == "OnlyThisList"
+    assert details.ConfirmedOptIn is True
+
+
+def test_unsubscribed_and_bounced_since_a_date(cs: Simulator, wall: FakeClock) -> None:
+    list_id = cs.add_list(unsubscribe_setting="OnlyThisList")
+    emails = [f"m{n}@example.com" for n in range(6)]
+    Subscriber(AUTH).import_subscribers(list_id, _rows(*emails), True)
+    wall.advance(60)  # 03:05
+    Subscriber(AUTH, list_id, "m0@example.com").unsubscribe()
+    cs.force_state(list_id, "m1@example.com", "Bounced")
+    wall.advance(60)  # 03:06
+    Subscriber(AUTH, list_id, "m2@example.com").unsubscribe()
+    wall.advance(86_400)  # 2030-01-03 03:06
+    Subscriber(AUTH, list_id, "m3@example.com").unsubscribe()
+    cs.force_state(list_id, "m4@example.com", "Bounced")
+
+    lst = List(AUTH, list_id)
+    since = lst.unsubscribed(date="2030-01-02 03:06", order_field="date")
+    assert [r.EmailAddress for r in since.Results] == ["m2@example.com", "m3@example.com"]
+    assert since.ResultsOrderedBy == "date"
+    assert since.TotalNumberOfRecords == 2
+    assert since.Results[0].Date == "2030-01-02 03:06:00"
+    assert since.Results[0].State == "Unsubscribed"
+    desc = lst.unsubscribed(date="2030-01-02", order_field="date", order_direction="desc")
+    assert [r.EmailAddress for r in desc.Results] == [
+        "m3@example.com",
+        "m2@example.com",
+        "m0@example.com",
+    ]
+    paged = lst.unsubscribed(date="2030-01-02", page=2, page_size=10, order_field="date")
+    assert (paged.PageNumber, paged.RecordsOnThisPage, paged.NumberOfPages) == (2, 0, 1)
+    bounced = lst.bounced(date="2030-01-03", order_field="date")
+    assert [r.EmailAddress for r in bounced.Results] == ["m4@example.com"]
+    assert lst.bounced(date="2030-01-03 03:07").Results == []
+    assert lst.bounced(date="2030-01-02 03:05").TotalNumberOfRecords == 2
