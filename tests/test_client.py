@@ -41,12 +41,14 @@ from consumer.campaign_monitor.client import (
 from consumer.campaign_monitor.errors import classify
 from consumer.devtools.simulator import (
     AddressThrottle,
+    CustomFieldSpec,
     FaultConfig,
     Simulator,
     SimulatorConfig,
     serve,
 )
 from consumer.ratelimit import RateLimitInfo
+from tests.simulator_fixtures import FakeClock
 
 KEY = "k3y-5ecr3t-0123456789"
 TOKEN = "t0ken-5ecr3t-abcdef"
@@ -503,6 +505,182 @@ async def test_members_refuses_a_bad_page_size_before_sending(sim: Simulator, li
                 client.members(list_id, "active", page_size=size)
             assert (caught.value.code, caught.value.status) == (801, 0)
     assert sent(sim) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Consent and list settings: dated listings, the suppression list, custom fields
+
+#: 2030-01-02 03:04:00 UTC
+T0 = 1893553440
+
+
+def dated_sim() -> tuple[Simulator, FakeClock]:
+    wall = FakeClock(T0)
+    return Simulator(SimulatorConfig(api_keys=(KEY, "other-key")), wall_clock=wall), wall
+
+
+async def test_members_page_sends_the_date_filter_and_the_order() -> None:
+    sim, wall = dated_sim()
+    list_id = sim.add_list(unsubscribe_setting="OnlyThisList")
+    queries: list[str] = []
+
+    async def capture(request: web.Request, handler: Handler) -> web.StreamResponse:
+        queries.append(request.raw_path.partition("?")[2])
+        return await handler(request)
+
+    for n in range(3):
+        sim.force_state(list_id, f"old{n}@example.com", "Unsubscribed")
+    wall.advance(120)  # 03:06
+    for n in range(3):
+        wall.advance(1)
+        sim.force_state(list_id, f"new{n}@example.com", "Unsubscribed")
+    async with connect(sim, middleware=capture) as (client, _):
+        recent = await client.members_page(
+            list_id, "unsubscribed", 1, since="2030-01-02 03:06", order_field="date"
+        )
+        newest = await client.members_page(
+            list_id,
+            "unsubscribed",
+            1,
+            page_size=10,
+            since="2030-01-02",
+            order_field="date",
+            descending=True,
+        )
+        for bad in ("2030-01-02T03:06", "02/01/2030", "2030-01-02 03:06:00"):
+            with pytest.raises(RequestInvalid) as caught:
+                await client.members_page(list_id, "unsubscribed", 1, since=bad)
+            assert caught.value.status == 0
+    assert [m["EmailAddress"] for m in recent.members] == [f"new{n}@example.com" for n in range(3)]
+    assert recent.last
+    assert [m["EmailAddress"] for m in newest.members][:2] == [
+        "new2@example.com",
+        "new1@example.com",
+    ]
+    assert len(newest.members) == 6
+    assert queries == [  # the space as "+", as createsend sends it too
+        "page=1&pagesize=1000&orderfield=date&orderdirection=asc&date=2030-01-02+03:06",
+        "page=1&pagesize=10&orderfield=date&orderdirection=desc&date=2030-01-02",
+    ]
+
+
+async def test_suppression_page_reads_the_client_list_in_either_order() -> None:
+    sim, wall = dated_sim()
+    list_id = sim.add_list()
+    for n in range(12):
+        wall.advance(60)
+        sim.force_state(list_id, f"s{n:02d}@example.com", "Unsubscribed")  # AllClientLists
+    client_id = sim.client_id(KEY)
+    async with connect(sim) as (client, observed):
+        first = await client.suppression_page(client_id, 1, page_size=10)
+        second = await client.suppression_page(client_id, 2, page_size=10)
+        newest = await client.suppression_page(client_id, 1, order_field="date", descending=True)
+        with pytest.raises(DestinationFatal) as caught:
+            await client.suppression_page(sim.client_id("other-key"), 1)
+        with pytest.raises(RequestInvalid):
+            await client.suppression_page(client_id, 1, page_size=5)
+    assert [r["EmailAddress"] for r in first.members] == [
+        f"s{n:02d}@example.com" for n in range(10)
+    ]
+    assert not first.last
+    assert [r["EmailAddress"] for r in second.members] == ["s10@example.com", "s11@example.com"]
+    assert second.last
+    assert first.members[0] == {
+        "SuppressionReason": "Unsubscribed",
+        "EmailAddress": "s00@example.com",
+        "Date": "2030-01-02 03:05:00",
+        "State": "Suppressed",
+    }
+    assert newest.members[0]["EmailAddress"] == "s11@example.com"
+    assert (caught.value.status, caught.value.code) == (400, 102)
+    assert observed.statuses()[-1] == ("suppression_list", 400)  # the bad page size never left
+
+
+async def test_custom_fields_are_read_and_created(sim: Simulator) -> None:
+    list_id = sim.add_list(custom_fields=[CustomFieldSpec("city")])
+    async with connect(sim) as (client, observed):
+        key = await client.create_custom_field(list_id, "joined on", "Date")
+        tier = await client.create_custom_field(list_id, "tier", "MultiSelectOne", ("a", "b"))
+        fields = await client.custom_fields(list_id)
+        with pytest.raises(RequestInvalid) as caught:
+            await client.create_custom_field(list_id, "city", "Text")
+    assert (key, tier) == ("[joinedon]", "[tier]")
+    assert [(f["Key"], f["DataType"], f["FieldOptions"]) for f in fields] == [
+        ("[city]", "Text", []),
+        ("[joinedon]", "Date", []),
+        ("[tier]", "MultiSelectOne", ["a", "b"]),
+    ]
+    assert caught.value.code == 255
+    assert [e for e, _ in observed.statuses()] == [
+        "create_custom_field",
+        "create_custom_field",
+        "custom_fields",
+        "create_custom_field",
+    ]
+
+
+def _doctor(change: Callable[[dict[str, Any]], None]) -> Middleware:
+    """A middleware that applies `change` to the first listing envelope of page 2."""
+    done: list[bool] = []
+
+    async def doctor(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if done or request.query.get("page") != "2" or not isinstance(response, web.Response):
+            return response
+        assert response.body is not None
+        envelope = orjson.loads(bytes(response.body))  # type: ignore[arg-type]
+        change(envelope)
+        done.append(True)
+        return web.json_response(envelope)
+
+    return doctor
+
+
+def _drop_last_row(envelope: dict[str, Any]) -> None:
+    envelope["Results"].pop()
+
+
+def _shift_page_number(envelope: dict[str, Any]) -> None:
+    envelope["PageNumber"] = 3
+
+
+def _short_middle_page(envelope: dict[str, Any]) -> None:
+    envelope["Results"].pop()
+    envelope["RecordsOnThisPage"] -= 1
+
+
+@pytest.mark.parametrize("change", [_drop_last_row, _shift_page_number, _short_middle_page])
+async def test_an_inconsistent_page_is_a_truncated_listing_page(
+    change: Callable[[dict[str, Any]], None],
+) -> None:
+    sim, _ = dated_sim()
+    list_id = sim.add_list()
+    for n in range(25):
+        sim.force_state(list_id, f"Person.{n:02d}@example.com", "Unsubscribed")
+    client_id = sim.client_id(KEY)
+    async with connect(sim, middleware=_doctor(change)) as (client, _):
+        with pytest.raises(TransientError) as caught:
+            await client.members_page(list_id, "unsubscribed", 2, page_size=10)
+        again = await client.members_page(list_id, "unsubscribed", 2, page_size=10)
+        assert len(again.members) == 10
+        assert not again.last
+    assert "truncated listing page" in str(caught.value)
+    assert (caught.value.status, caught.value.endpoint) == (200, "members")
+    assert_private(caught.value, "person.", "Person.", KEY)
+    async with connect(sim, middleware=_doctor(change)) as (client, _):
+        with pytest.raises(TransientError, match="suppression_list: HTTP 200: truncated"):
+            await client.suppression_page(client_id, 2, page_size=10)
+
+
+async def test_the_last_page_may_be_short(sim: Simulator) -> None:
+    list_id = sim.add_list()
+    for n in range(25):
+        sim.force_state(list_id, f"p{n:02d}@example.com", "Bounced")
+    async with connect(sim) as (client, _):
+        last = await client.members_page(list_id, "bounced", 3, page_size=10)
+        beyond = await client.members_page(list_id, "bounced", 4, page_size=10)
+    assert (len(last.members), last.last) == (5, True)
+    assert (beyond.members, beyond.last) == ((), True)
 
 
 # ---------------------------------------------------------------------------------------------

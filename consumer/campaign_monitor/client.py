@@ -1,4 +1,6 @@
-"""Async Campaign Monitor API v3.3 client: the list-membership endpoints, typed results and errors.
+"""Async Campaign Monitor API v3.3 client: the list-membership endpoints, the reads that consent
+and list settings need (dated member listings, the client's suppression list, custom fields,
+list details), typed results and errors.
 
 Contracts and hazards:
 
@@ -13,10 +15,14 @@ Contracts and hazards:
   description; an unknown code adds Campaign Monitor's own message with anything that looks like
   an address removed. Transport exceptions are not chained (``from None``) because aiohttp puts
   the request URL, which carries ``?email=…``, into some of their messages.
+* Paged listings fail closed: a page that contradicts itself or the request (see
+  `members_page`) is a `TransientError` ("truncated listing page"), never a short answer that
+  would read as "nobody else opted out". Retrying the same page is the remedy.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -41,6 +47,7 @@ from consumer.campaign_monitor.transport import (
     ApiKey,
     Credentials,
     OAuthToken,
+    Response,
     ResponseObserver,
     Transport,
     TransportOptions,
@@ -63,6 +70,7 @@ __all__ = [
     "MemberState",
     "MembersPage",
     "OAuthToken",
+    "OrderField",
     "RateLimited",
     "RecordRejected",
     "RequestInvalid",
@@ -76,6 +84,11 @@ MIN_PAGE_SIZE: Final = 10
 MAX_PAGE_SIZE: Final = 1000
 
 MemberState = Literal["active", "unsubscribed", "bounced", "deleted", "unconfirmed"]
+OrderField = Literal["email", "date"]
+
+#: The ``date`` filter of a member listing: ``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM`` (the
+#: account's time zone on the real service).
+_SINCE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}(?: \d{2}:\d{2})?")
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -120,7 +133,8 @@ class ImportResult:
 
 @dataclass(frozen=True, slots=True)
 class MembersPage:
-    """One page of a member listing; ``last`` is True when no page follows it."""
+    """One page of a member listing (or of the suppression list); ``last`` is True when no
+    page follows it."""
 
     members: tuple[dict[str, Any], ...]
     last: bool
@@ -350,7 +364,7 @@ class CampaignMonitorClient:
         Rate-limited callers read page by page with `members_page` instead (the service's
         gateway does: one rate-limit slot per page request).
         """
-        _check_page_size(page_size)
+        _check_page_size(page_size, "members")
         return self._members(list_id, state, page_size)
 
     async def _members(
@@ -366,46 +380,165 @@ class CampaignMonitorClient:
             page += 1
 
     async def members_page(
-        self, list_id: str, state: MemberState, page: int, *, page_size: int = MAX_PAGE_SIZE
+        self,
+        list_id: str,
+        state: MemberState,
+        page: int,
+        *,
+        page_size: int = MAX_PAGE_SIZE,
+        since: str | None = None,
+        order_field: OrderField = "email",
+        descending: bool = False,
     ) -> MembersPage:
-        """Page ``page`` (from 1) of the members in ``state``, ordered by address: exactly one
-        request. ``last`` tells whether a further page exists (from ``NumberOfPages``, or a
-        short page when the server gives no count). Same hazard and page-size check as
-        `members`."""
-        _check_page_size(page_size)
+        """Page ``page`` (from 1) of the members in ``state``: exactly one request.
+
+        ``since`` (``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM``) is sent as the ``date`` filter: only
+        members whose state changed on or after it. ``order_field`` and ``descending`` set the
+        order (by address or by that date). ``last`` tells whether a further page exists (from
+        ``NumberOfPages``, or a short page when the server gives no count).
+
+        Raises `TransientError` ("truncated listing page") when the page is inconsistent:
+        ``RecordsOnThisPage`` differs from the rows received, ``PageNumber`` from ``page``, or a
+        page that is not the last holds fewer than ``page_size`` rows; the caller retries the
+        same page. A bad ``page_size`` (outside 10..1000) or ``since`` raises `RequestInvalid`
+        (status 0) before any request. Same paging hazard as `members`.
+        """
+        _check_page_size(page_size, "members")
+        params = _page_params(page, page_size, order_field, descending)
+        if since is not None:
+            if _SINCE_RE.fullmatch(since) is None:
+                raise RequestInvalid(
+                    "Campaign Monitor members: refused before sending: the date filter must be"
+                    " YYYY-MM-DD or YYYY-MM-DD HH:MM",
+                    status=0,
+                    code=None,
+                    endpoint="members",
+                )
+            params["date"] = since
+        return await self._page(
+            "members", f"/lists/{_seg(list_id)}/{state}.json", params, page, page_size
+        )
+
+    async def suppression_page(
+        self,
+        client_id: str,
+        page: int,
+        *,
+        page_size: int = MAX_PAGE_SIZE,
+        order_field: OrderField = "email",
+        descending: bool = False,
+    ) -> MembersPage:
+        """Page ``page`` (from 1) of the client's suppression list: exactly one request. Rows
+        are ``{SuppressionReason, EmailAddress, Date, State: "Suppressed"}``. An unknown client
+        ID (or one the credentials do not reach) is `DestinationFatal` (Code 102). Same checks
+        and errors as `members_page`."""
+        _check_page_size(page_size, "suppression_list")
+        return await self._page(
+            "suppression_list",
+            f"/clients/{_seg(client_id)}/suppressionlist.json",
+            _page_params(page, page_size, order_field, descending),
+            page,
+            page_size,
+        )
+
+    async def custom_fields(self, list_id: str) -> list[dict[str, Any]]:
+        """The list's custom fields: ``[{FieldName, Key: "[key]", DataType, FieldOptions,
+        VisibleInPreferenceCenter}]`` as Campaign Monitor gives them."""
         response = await self._transport.request(
-            "members",
-            "GET",
-            f"/lists/{_seg(list_id)}/{state}.json",
-            params={
-                "page": str(page),
-                "pagesize": str(page_size),
-                "orderfield": "email",
-                "orderdirection": "asc",
+            "custom_fields", "GET", f"/lists/{_seg(list_id)}/customfields.json"
+        )
+        payload = response.payload
+        if not isinstance(payload, list) or not all(isinstance(f, dict) for f in payload):
+            raise _unexpected("custom_fields", response)
+        return payload
+
+    async def create_custom_field(
+        self, list_id: str, field_name: str, data_type: str, options: Sequence[str] = ()
+    ) -> str:
+        """Create a custom field (visible in the preference center); returns its key, with
+        brackets (``"[fieldname]"``). ``data_type``: Text, Number, Date, MultiSelectOne,
+        MultiSelectMany, Country or USState; ``options`` for the multi-select types.
+
+        Not idempotent: when the answer is lost the field may exist, and creating it again is
+        refused (`RequestInvalid`); read `custom_fields` before retrying."""
+        response = await self._transport.request(
+            "create_custom_field",
+            "POST",
+            f"/lists/{_seg(list_id)}/customfields.json",
+            body={
+                "FieldName": field_name,
+                "DataType": data_type,
+                "Options": list(options),
+                "VisibleInPreferenceCenter": True,
             },
         )
-        envelope = self._transport.expect_object("members", response)
+        if not isinstance(response.payload, str):
+            raise _unexpected("create_custom_field", response)
+        return response.payload
+
+    async def _page(
+        self, endpoint: str, path: str, params: dict[str, str], page: int, page_size: int
+    ) -> MembersPage:
+        """One page of a paged envelope, checked (see `members_page`). Counts the server
+        leaves out are not checked."""
+        response = await self._transport.request(endpoint, "GET", path, params=params)
+        envelope = self._transport.expect_object(endpoint, response)
         results = envelope.get("Results")
         if not isinstance(results, list):
             results = []
-        pages = envelope.get("NumberOfPages")
+        records = parse_int(envelope.get("RecordsOnThisPage"))
+        number = parse_int(envelope.get("PageNumber"))
+        pages = parse_int(envelope.get("NumberOfPages"))
+        if (
+            (records is not None and records != len(results))
+            or (number is not None and number != page)
+            or (pages is not None and page < pages and len(results) < page_size)
+        ):
+            raise TransientError(
+                f"Campaign Monitor {endpoint}: HTTP {response.status}: truncated listing page",
+                status=response.status,
+                code=None,
+                endpoint=endpoint,
+                rate_limit=response.rate_limit,
+            )
         last = (
             not results
-            or (isinstance(pages, int) and page >= pages)
-            or (not isinstance(pages, int) and len(results) < page_size)
+            or (pages is not None and page >= pages)
+            or (pages is None and len(results) < page_size)
         )
         members = tuple(member for member in results if isinstance(member, dict))
         return MembersPage(members, last)
 
 
-def _check_page_size(page_size: int) -> None:
+def _page_params(
+    page: int, page_size: int, order_field: OrderField, descending: bool
+) -> dict[str, str]:
+    return {
+        "page": str(page),
+        "pagesize": str(page_size),
+        "orderfield": order_field,
+        "orderdirection": "desc" if descending else "asc",
+    }
+
+
+def _unexpected(endpoint: str, response: Response) -> TransientError:
+    return TransientError(
+        f"Campaign Monitor {endpoint}: HTTP {response.status}: unexpected response body",
+        status=response.status,
+        code=None,
+        endpoint=endpoint,
+        rate_limit=response.rate_limit,
+    )
+
+
+def _check_page_size(page_size: int, endpoint: str) -> None:
     if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
         raise RequestInvalid(
-            f"Campaign Monitor members: refused before sending, code 801: page size must be"
+            f"Campaign Monitor {endpoint}: refused before sending, code 801: page size must be"
             f" {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}",
             status=0,
             code=801,
-            endpoint="members",
+            endpoint=endpoint,
         )
 
 

@@ -89,6 +89,7 @@ DESCRIPTIONS: Final[Mapping[int, str]] = {
     1: "invalid email address",
     100: "invalid API key",
     101: "invalid ListID",
+    102: "invalid ClientID",
     120: "invalid OAuth token",
     121: "expired OAuth token",
     122: "revoked OAuth token",
@@ -105,7 +106,7 @@ DESCRIPTIONS: Final[Mapping[int, str]] = {
     429: "rate limit exceeded",
     801: "invalid page size",
 }
-_FATAL_CODES: Final = frozenset({100, 101, 120, 121, 122})
+_FATAL_CODES: Final = frozenset({100, 101, 102, 120, 121, 122})
 # 216 (custom field value over 250 characters) is the simulator's choice: no source documents the
 # real API's code for it, and a value that is too long is a property of the record either way.
 _RECORD_CODES: Final = frozenset({1, 203, 204, 205, 206, 207, 208, 216})
