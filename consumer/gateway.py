@@ -21,8 +21,13 @@ One gateway per API key *value* (`gateways_for`): destinations whose variables h
 key share one client and one limiter, so the key's ceiling holds however many variables name
 it. Metrics label the key by the first such variable's *name*, never by the key.
 
+Listings (`members`, `suppressed`) are read one `call` per page, so a 429, a 5xx or a
+truncated page (the client's `TransientError`) repeats that page only: paging resumes where it
+stopped, and a listing is never returned short.
+
 Callers: the flushers (`import_subscribers`, `remove`, `stalled_reason`), the consent
-bookkeeping (`members`), and anything later that needs the API (`call`).
+bookkeeping (`members`, `suppressed`), the checks of list settings (`list_details`,
+`custom_fields`), and anything later that needs the API (`call`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from consumer.campaign_monitor.client import (
     ImportResult,
     MembersPage,
     MemberState,
+    OrderField,
     RateLimited,
     SubscriberRow,
     TransientError,
@@ -197,20 +203,88 @@ class ApiGateway:
         state: MemberState,
         *,
         destination: str,
+        since: str | None = None,
+        order_field: OrderField = "email",
+        descending: bool = False,
         page_size: int = MAX_PAGE_SIZE,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every member of the list in ``state``, read page by page: each page is one `call`
-        (one rate-limit slot, retried on its own). Same paging hazard as
-        `CampaignMonitorClient.members`. Caller: the consent bookkeeping."""
+        """Every member of the list in ``state`` (with ``since``: whose state changed on or
+        after it, see `CampaignMonitorClient.members_page`), read page by page at listing
+        priority: each page is one `call` (one rate-limit slot, retried on its own, a truncated
+        page included). Same paging hazard as `CampaignMonitorClient.members`. A bad
+        ``page_size`` or ``since`` raises `RequestInvalid` before any request. Caller: the
+        consent bookkeeping."""
+
+        def page_request(page: int) -> Request[MembersPage]:
+            return lambda client: client.members_page(
+                list_id,
+                state,
+                page,
+                page_size=page_size,
+                since=since,
+                order_field=order_field,
+                descending=descending,
+            )
+
+        async for member in self._pages(page_request, destination):
+            yield member
+
+    async def suppressed(
+        self,
+        client_id: str,
+        *,
+        destination: str,
+        order_field: OrderField = "email",
+        descending: bool = False,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every row of the client's suppression list (``{SuppressionReason, EmailAddress,
+        Date, State}``), read like `members`. A client ID the key does not reach stalls
+        ``destination`` (Code 102, `DestinationFatal`) until it does. Caller: the consent
+        bookkeeping of destinations with a client ID."""
+
+        def page_request(page: int) -> Request[MembersPage]:
+            return lambda client: client.suppression_page(
+                client_id,
+                page,
+                page_size=page_size,
+                order_field=order_field,
+                descending=descending,
+            )
+
+        async for row in self._pages(page_request, destination):
+            yield row
+
+    async def custom_fields(self, list_id: str, *, destination: str) -> list[dict[str, Any]]:
+        """The list's custom fields (`CampaignMonitorClient.custom_fields`): one `call` at
+        listing priority. Caller: the checks of list settings at start."""
+        return await self.call(
+            lambda client: client.custom_fields(list_id),
+            destination=destination,
+            priority=LISTING_PRIORITY,
+        )
+
+    async def list_details(self, list_id: str, *, destination: str) -> dict[str, Any]:
+        """The list's details (``UnsubscribeSetting``, ``ConfirmedOptIn``, …): one `call` at
+        listing priority. Caller: the checks of list settings at start."""
+        return await self.call(
+            lambda client: client.list_details(list_id),
+            destination=destination,
+            priority=LISTING_PRIORITY,
+        )
+
+    async def _pages(
+        self, page_request: Callable[[int], Request[MembersPage]], destination: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The rows of a paged listing, one `call` per page: a page that fails is asked again
+        (same page number) by `call`, so paging resumes where it stopped."""
         page = 1
         while True:
             found = await self.call(
-                _page_request(list_id, state, page, page_size),
-                destination=destination,
-                priority=LISTING_PRIORITY,
+                page_request(page), destination=destination, priority=LISTING_PRIORITY
             )
-            for member in found.members:
-                yield member
+            for row in found.members:
+                yield row
             if found.last:
                 return
             page += 1
@@ -266,12 +340,6 @@ class ApiGateway:
         obs.permitted_rate.labels(api_key=self.key_name).set(self.limiter.rate)
         obs.api_requests.labels(endpoint=endpoint, status=str(status)).inc()
         obs.api_latency.labels(endpoint=endpoint).observe(seconds)
-
-
-def _page_request(
-    list_id: str, state: MemberState, page: int, page_size: int
-) -> Request[MembersPage]:
-    return lambda client: client.members_page(list_id, state, page, page_size=page_size)
 
 
 def gateways_for(

@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from consumer import observability as obs
 from consumer.campaign_monitor.client import (
@@ -20,7 +23,14 @@ from consumer.campaign_monitor.client import (
     SubscriberRow,
 )
 from consumer.consent import Consent
-from consumer.devtools.simulator import FaultConfig, Simulator, SimulatorConfig, serve
+from consumer.devtools.simulator import (
+    CustomFieldSpec,
+    FaultConfig,
+    Served,
+    Simulator,
+    SimulatorConfig,
+    serve,
+)
 from consumer.gateway import ApiGateway, gateways_for
 from consumer.ratelimit import AimdRateLimiter
 from consumer.retry import Backoff
@@ -101,6 +111,73 @@ async def gateway(sim: Simulator, clock: FakeClock) -> AsyncIterator[ApiGateway]
         )
 
 
+@dataclasses.dataclass
+class Pages:
+    """What a listing read looked like on the wire: the query of each page request (in
+    order), and a one-shot change to the envelope of a chosen page (a truncated page)."""
+
+    queries: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    doctor_page: str = ""
+    doctored: bool = False
+
+    @property
+    def numbers(self) -> list[int]:
+        return [int(q["page"]) for q in self.queries]
+
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if "page" in request.query:
+            self.queries.append(dict(request.query))
+        response = await handler(request)
+        if (
+            self.doctored
+            or request.query.get("page") != self.doctor_page
+            or response.status != 200
+            or not isinstance(response, web.Response)
+            or response.body is None
+        ):
+            return response
+        self.doctored = True
+        envelope = orjson.loads(bytes(response.body))  # type: ignore[arg-type]
+        envelope["Results"].pop()  # RecordsOnThisPage now says one more than there is
+        return web.json_response(envelope)
+
+
+@pytest.fixture
+def pages() -> Pages:
+    return Pages()
+
+
+@pytest.fixture
+async def listing_gateway(
+    sim: Simulator, clock: FakeClock, pages: Pages
+) -> AsyncIterator[ApiGateway]:
+    """Like `gateway`, with `pages` watching (and possibly truncating) listing pages."""
+
+    async def watch(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await pages.middleware(request, handler)
+
+    app = sim.app()
+    app.middlewares.append(web.middleware(watch))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/api/v3.3"
+        async with aiohttp.ClientSession() as session:
+            client = CampaignMonitorClient(base_url, ApiKey(KEY), session=session)
+            yield ApiGateway(
+                "CMSYNC_CM_API_KEY",
+                client,
+                AimdRateLimiter(RPS),
+                clock=clock,
+                backoff=Backoff(0.001, 0.01),
+                stall_retry_s=0.02,
+            )
+    finally:
+        await runner.cleanup()
+
+
 def slots(gateway: ApiGateway, clock: FakeClock) -> int:
     """Rate-limit slots taken so far. The fake clock never moves, so each slot pushes the next
     free one a further interval ahead of `now`."""
@@ -144,6 +221,155 @@ async def test_consent_reads_the_protected_addresses_through_the_gateway(
     clock.advance(300)
     await consent.protected()
     assert requests(sim, "members") == 4  # refreshed
+
+
+@pytest.mark.parametrize("fault", [429, 503, 0])
+async def test_a_fault_in_the_middle_of_a_listing_resumes_at_the_same_page(
+    listing_gateway: ApiGateway, sim: Simulator, pages: Pages, clock: FakeClock, fault: int
+) -> None:
+    for n in range(25):
+        sim.force_state(LIST_ID, f"person{n:02}@example.com", "Unsubscribed", suppress=False)
+    served: list[Served] = []
+    stop = sim.observe(served.append)
+    sim.set_faults(FaultConfig(script=[200, fault]))  # page 1 answers, page 2 fails once
+    members = [
+        m["EmailAddress"]
+        async for m in listing_gateway.members(
+            LIST_ID, "unsubscribed", destination="news", page_size=10
+        )
+    ]
+    stop()
+    assert members == [f"person{n:02}@example.com" for n in range(25)]  # each once, in order
+    assert pages.numbers == [1, 2, 2, 3]  # not restarted from page 1
+    assert [s.status for s in served] == [200, None if fault == 0 else fault, 200, 200]
+    # One slot per attempt. Not countable after a 429 (it halves the rate `slots` divides
+    # by); a dropped connection is sent again by aiohttp itself inside the same attempt (an
+    # idempotent request on a reused connection), so it costs no slot of its own.
+    if fault == 503:
+        assert slots(listing_gateway, clock) == 4
+    elif fault == 0:
+        assert slots(listing_gateway, clock) == 3
+
+
+async def test_a_truncated_page_is_read_again(
+    listing_gateway: ApiGateway, sim: Simulator, pages: Pages
+) -> None:
+    before = metric("cmsync_retries_total", destination="news", reason="transient")
+    for n in range(25):
+        sim.force_state(LIST_ID, f"person{n:02}@example.com", "Bounced")
+    pages.doctor_page = "2"
+    members = [
+        m["EmailAddress"]
+        async for m in listing_gateway.members(LIST_ID, "bounced", destination="news", page_size=10)
+    ]
+    assert members == [f"person{n:02}@example.com" for n in range(25)]
+    assert pages.doctored
+    assert pages.numbers == [1, 2, 2, 3]
+    after = metric("cmsync_retries_total", destination="news", reason="transient")
+    assert after - before == 1
+
+
+async def test_a_dated_listing_sends_the_date_filter_and_order(
+    listing_gateway: ApiGateway, sim: Simulator, pages: Pages
+) -> None:
+    sim.force_state(LIST_ID, "recent@example.com", "Unsubscribed", suppress=False)
+    found = [
+        m["EmailAddress"]
+        async for m in listing_gateway.members(
+            LIST_ID,
+            "unsubscribed",
+            destination="news",
+            since="2000-01-01 00:00",
+            order_field="date",
+            descending=True,
+        )
+    ]
+    none = [
+        m
+        async for m in listing_gateway.members(
+            LIST_ID, "unsubscribed", destination="news", since="2999-01-01"
+        )
+    ]
+    assert found == ["recent@example.com"]
+    assert none == []
+    assert pages.queries == [
+        {
+            "page": "1",
+            "pagesize": "1000",
+            "orderfield": "date",
+            "orderdirection": "desc",
+            "date": "2000-01-01 00:00",
+        },
+        {
+            "page": "1",
+            "pagesize": "1000",
+            "orderfield": "email",
+            "orderdirection": "asc",
+            "date": "2999-01-01",
+        },
+    ]
+
+
+async def test_the_suppression_list_is_read_page_by_page_and_resumes(
+    listing_gateway: ApiGateway, sim: Simulator, pages: Pages, clock: FakeClock
+) -> None:
+    for n in range(15):
+        sim.suppress(f"gone{n:02}@example.com", api_key=KEY)
+    sim.set_faults(FaultConfig(script=[200, 503]))
+    rows = [
+        r
+        async for r in listing_gateway.suppressed(
+            sim.client_id(KEY), destination="news", page_size=10, order_field="date"
+        )
+    ]
+    assert [r["EmailAddress"] for r in rows] == [f"gone{n:02}@example.com" for n in range(15)]
+    assert {r["State"] for r in rows} == {"Suppressed"}
+    assert pages.numbers == [1, 2, 2]
+    assert pages.queries[0]["orderfield"] == "date"
+    assert requests(sim, "suppression_list") == 3
+    assert slots(listing_gateway, clock) == 3
+
+
+async def test_a_client_id_of_another_key_stalls_the_destination(
+    gateway: ApiGateway, sim: Simulator
+) -> None:
+    other = sim.client_id(OTHER_KEY)
+
+    async def read() -> list[dict[str, object]]:
+        return [r async for r in gateway.suppressed(other, destination="news")]
+
+    task = asyncio.create_task(read())
+    reason = await asyncio.wait_for(stall_of(gateway, "news"), 10)
+    assert "code 102" in reason
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_list_settings_are_one_call_each(
+    gateway: ApiGateway, sim: Simulator, clock: FakeClock
+) -> None:
+    fields_list = sim.add_list(
+        unsubscribe_setting="OnlyThisList",
+        confirmed_opt_in=True,
+        custom_fields=[CustomFieldSpec("age", "Number")],
+    )
+    sim.set_faults(FaultConfig(script=[503]))
+    details = await gateway.list_details(fields_list, destination="news")
+    fields = await gateway.custom_fields(fields_list, destination="news")
+    assert (details["UnsubscribeSetting"], details["ConfirmedOptIn"]) == ("OnlyThisList", True)
+    assert fields == [
+        {
+            "FieldName": "age",
+            "Key": "[age]",
+            "DataType": "Number",
+            "FieldOptions": [],
+            "VisibleInPreferenceCenter": True,
+        }
+    ]
+    assert requests(sim, "list_details") == 2  # the 503, then the answer
+    assert requests(sim, "custom_fields") == 1
+    assert slots(gateway, clock) == 3
 
 
 async def test_transient_errors_are_retried_until_the_request_succeeds(
