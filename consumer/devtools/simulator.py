@@ -303,7 +303,7 @@ class Served:
 
     method: str
     endpoint: str  # one of ENDPOINTS
-    list_id: str  # "" when the path names no list
+    list_id: str  # "" when the path names no list; the client ID for CLIENT_ENDPOINTS
     addresses: tuple[str, ...]
     status: int | None  # None: the connection was dropped (an injected fault)
     handled: bool
