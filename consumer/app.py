@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ from consumer.membership.changelog import (
     ensure_internal_topics,
 )
 from consumer.offsets import OffsetTracker
-from consumer.settings import ConfigError, Settings, load_settings
+from consumer.settings import ConfigError, Destination, Settings, load_settings
 from consumer.source import Partitions, Source
 from consumer.state import MembershipState, Target
 from consumer.tuning import (
@@ -83,13 +82,12 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def only_sending(settings: Settings) -> Settings:
-    """`settings` without the destinations that send nothing (`Destination.sends`: their
-    connection lacks the personal data acknowledgement). The service runs as if they were not
-    configured: no state, no buffer, no request for their lists."""
-    return dataclasses.replace(
-        settings, destinations=tuple(d for d in settings.destinations if d.sends)
-    )
+def sending(destinations: Iterable[Destination]) -> list[Destination]:
+    """The destinations the service writes to: not those that send nothing
+    (`Destination.sends`: their connection lacks the personal data acknowledgement). Those are
+    kept in the membership state (so their lists are owed, not forgotten, until the
+    acknowledgement comes), but get no buffer, no flusher and no request."""
+    return [d for d in destinations if d.sends]
 
 
 class Service:
@@ -106,7 +104,7 @@ class Service:
 
     def __init__(self, settings: Settings, *, commit_interval_s: float = 1.0) -> None:
         self._withheld = [d.name for d in settings.destinations if not d.sends]
-        self.settings = settings = only_sending(settings)
+        self.settings = settings
         self._commit_interval_s = commit_interval_s
         self.tracker = OffsetTracker()
         self.applied = AppliedMemory(settings.applied_memory)
@@ -154,13 +152,13 @@ class Service:
         )
         obs.init_labels(
             topic=s.kafka.topic,
-            destinations=[d.name for d in s.destinations],
+            destinations=[d.name for d in sending(s.destinations)],
             api_keys={g.key_name for g in gateways.values()},
             flush_interval_s=s.flush_interval_s,
         )
         obs.max_pending.set(s.max_pending)
         targets = []
-        for dest in s.destinations:
+        for dest in sending(s.destinations):
             gateway = gateways[dest.name]
             buffer = DestinationBuffer(
                 dest.name,
@@ -329,7 +327,7 @@ class Service:
                     )
                 log.info(
                     "started",
-                    destinations=[d.name for d in self.settings.destinations],
+                    destinations=[d.name for d in sending(self.settings.destinations)],
                     topic=self.settings.kafka.topic,
                     group=self.settings.kafka.group_id,
                 )

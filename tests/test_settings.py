@@ -811,14 +811,14 @@ def test_a_cmsync_named_connection_key_is_not_an_unknown_variable(tmp_path: Path
     load_settings(base_env(write(tmp_path, unused), CMSYNC_CM_API_KEY_ACME=API_KEY))
 
 
-def test_the_service_runs_only_the_destinations_that_send(tmp_path: Path) -> None:
-    from consumer.app import only_sending
+def test_the_service_writes_only_to_the_destinations_that_send(tmp_path: Path) -> None:
+    from consumer.app import sending
 
     legacy = D.replace('"vip"', '"legacy"').replace(LIST_A, LIST_B)
     env = base_env(write(tmp_path, ACME + "\n" + VIA_ACME + "\n" + legacy), ACME_CM_KEY=API_KEY)
     settings = load_settings(env)
-    assert [d.name for d in only_sending(settings).destinations] == ["legacy"]
-    assert only_sending(settings).kafka == settings.kafka
+    assert [d.name for d in settings.destinations] == ["vip", "legacy"]  # both in the state
+    assert [d.name for d in sending(settings.destinations)] == ["legacy"]
 
 
 # --- secrets ------------------------------------------------------------------------------
