@@ -7,6 +7,7 @@ import itertools
 import random
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -335,6 +336,48 @@ def test_consent_kept_address_is_not_owed_nor_removed_by_the_sync() -> None:
     assert state is not None
     assert not state.removed_by_sync
     assert list(p.addresses.owed(LIST_A)) == []
+
+
+def test_removed_by_sync_survives_what_does_not_change_who_removed_it() -> None:
+    """The flag deleted-only relies on: set by the sync's removal (already while it is under
+    way: a crash then leaves the list maybe changed by the sync), kept through a re-entry's
+    SENDING and a REJECTED write, cleared once the address is back (ACTIVE) or left to the
+    person (KEPT); and it is durable (encoded)."""
+    p = Pipeline()
+
+    def flag() -> bool:
+        state = p.addresses.state(LIST_A, "ada@x.io")
+        assert state is not None
+        return decode_address(encode_address(state) or b"").removed_by_sync
+
+    [added] = p.change(VIP, "ada", True, 1, "ada@x.io")
+    p.addresses.record_applied(added, Applied.SENDING)
+    assert not flag()  # an add under way is nobody's removal
+    p.addresses.record_applied(added, Applied.ACTIVE)
+    [removed] = p.change(VIP, "ada", False, 2)
+    p.addresses.record_applied(removed, Applied.SENDING)
+    assert flag()  # the process may die now: the list may show the sync's removal
+    p.addresses.record_applied(removed, Applied.REMOVED)
+    [back] = p.change(VIP, "ada", True, 3, "ada@x.io")
+    p.addresses.record_applied(back, Applied.SENDING)
+    assert flag()  # the re-entry is under way: still the sync's removal if it dies now
+    p.addresses.record_applied(back, Applied.REJECTED)
+    assert flag()
+    p.addresses.record_applied(back, Applied.KEPT)  # opted out since: the person's now
+    assert not flag()
+    p.addresses.record_applied(removed, Applied.REMOVED)
+    p.addresses.record_applied(back, Applied.ACTIVE)
+    assert not flag()
+
+
+def test_an_address_state_written_before_removed_by_sync_existed_reads_as_not_removed() -> None:
+    state = AddressState(revision=3, applied=Applied.REMOVED, removed_by_sync=True)
+    raw = encode_address(state)
+    assert raw is not None
+    body = msgspec.msgpack.decode(raw[1:])
+    old = raw[:1] + msgspec.msgpack.encode(body[:4])  # the four elements of the earlier format
+    assert decode_address(old) == AddressState(revision=3, applied=Applied.REMOVED)
+    assert decode_address(raw) == state
 
 
 # -- codec -------------------------------------------------------------------------------------

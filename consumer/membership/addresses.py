@@ -131,11 +131,21 @@ class AddressTable:
         Call in the order the writes completed (the buffer never has two in flight for one
         address). ``desired`` may be older than the current revision: what matters is what the
         list now shows, and `owed` then still lists the key.
+
+        ``removed_by_sync`` (issue 13: with ``resubscribe = "deleted-only"`` exactly those come
+        back on re-entry) is set by REMOVED, and already by the SENDING of a removal (if the
+        process dies with it in flight, the list may show it done: the sync's own), cleared
+        by ACTIVE (back in the list) and KEPT (inactive by someone else's doing: the person's
+        to decide from now on), and left as it is by a REJECTED write.
         """
         if outcome is Applied.NOTHING:
             raise ValueError("record_applied needs what was done, not NOTHING")
         key = address_key(desired.list_id, desired.address)
         state = self._load(key)
+        if outcome is Applied.REMOVED or (outcome is Applied.SENDING and not desired.active):
+            state.removed_by_sync = True
+        elif outcome is Applied.ACTIVE or outcome is Applied.KEPT:
+            state.removed_by_sync = False
         state.applied = outcome
         state.applied_fingerprint = (
             fingerprint(desired.fields) if outcome is Applied.ACTIVE else b""

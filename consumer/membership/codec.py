@@ -161,24 +161,36 @@ def _holding_row(member: Member, holding: Holding) -> list[object]:
 def encode_address(state: AddressState) -> bytes | None:
     """Stage 2's value, or None (a tombstone) when the state holds nothing:
     ``[revision, applied, applied_fingerprint, [[segment, profile, occurred_at_ms, offset,
-    holds, fields | nil, input partition], …]]`` with the members sorted (equal states, equal
-    bytes)."""
+    holds, fields | nil, input partition], …], removed_by_sync]`` with the members sorted
+    (equal states, equal bytes). A value without the last element (written before it existed)
+    reads as not removed by the sync."""
     if not state.holders and state.applied is Applied.NOTHING and not state.revision:
         return None
     rows = [_holding_row(member, state.holders[member]) for member in sorted(state.holders)]
-    return _HEADER + _pack([state.revision, int(state.applied), state.applied_fingerprint, rows])
+    return _HEADER + _pack(
+        [
+            state.revision,
+            int(state.applied),
+            state.applied_fingerprint,
+            rows,
+            state.removed_by_sync,
+        ]
+    )
 
 
 def decode_address(raw: bytes) -> AddressState:
     try:
-        revision, applied, applied_fingerprint, rows = _body(raw, "address state")
+        revision, applied, applied_fingerprint, rows, *rest = _body(raw, "address state")
+        removed_by_sync = bool(rest[0]) if rest else False
         holders = {
             (segment, profile): Holding(
                 (occurred_at_ms, offset), bool(holds), fields or {}, partition
             )
             for segment, profile, occurred_at_ms, offset, holds, fields, partition in rows
         }
-        return AddressState(holders, revision, Applied(applied), applied_fingerprint)
+        return AddressState(
+            holders, revision, Applied(applied), applied_fingerprint, removed_by_sync
+        )
     except StateFormatError:
         raise
     except _MALFORMED as exc:

@@ -142,13 +142,16 @@ class AddressState:
     ``holders``: every member's latest claim, releases included (a release must outlive the
     hold it beats, or a hold delivered late would bring the member back). ``revision`` grows by
     one each time the desired state changes. ``applied``/``applied_fingerprint``: what the sync
-    last did (the fingerprint of the fields written, when ACTIVE).
+    last did (the fingerprint of the fields written, when ACTIVE). ``removed_by_sync``: the
+    sync's own write took the address out of the list, and nothing since has made it the
+    person's to decide (see `AddressTable.record_applied`).
     """
 
     holders: dict[Member, Holding] = field(default_factory=dict, repr=False)
     revision: int = 0
     applied: Applied = Applied.NOTHING
     applied_fingerprint: bytes = b""
+    removed_by_sync: bool = False
 
     def newest(self) -> tuple[Member, Holding] | None:
         """The holding member with the highest ``(version, member)``, or None if nobody holds.
@@ -162,11 +165,6 @@ class AddressState:
             if holding.holds and (best is None or (holding.version, member) > best):
                 best, chosen = (holding.version, member), (member, holding)
         return chosen
-
-    @property
-    def removed_by_sync(self) -> bool:
-        """The sync's own last write took the address out of the list."""
-        return self.applied is Applied.REMOVED
 
 
 @dataclass(frozen=True, slots=True)
