@@ -46,7 +46,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from consumer import observability as obs
 from consumer.buffer import AppliedMemory, DestinationBuffer
-from consumer.consent import Consent
+from consumer.consent import ConsentBook
 from consumer.deadletter import DeadLetterQueue
 from consumer.flusher import REMOVAL_BATCH_SIZE, DestinationFlusher
 from consumer.gateway import gateways_for
@@ -157,6 +157,7 @@ class Service:
             flush_interval_s=s.flush_interval_s,
         )
         obs.max_pending.set(s.max_pending)
+        consent = ConsentBook(gateways, refresh_s=s.consent_refresh_s)
         targets = []
         for dest in sending(s.destinations):
             gateway = gateways[dest.name]
@@ -170,13 +171,14 @@ class Service:
                 destination=dest,
                 buffer=buffer,
                 gateway=gateway,
-                consent=Consent(dest, gateway, refresh_s=s.consent_refresh_s),
+                consent=consent.for_destination(dest),
                 dead_letters=self._dlq,
                 release=state.release,
                 source_topic=s.kafka.topic,
                 on_applied=state.record_applied,
                 original=state.original,
                 before_send=state.mark_sending,
+                removed_by_sync=state.removed_by_sync,
             )
             self._flushers.append(flusher)
             targets.append(Target(dest, buffer, flusher.wake))

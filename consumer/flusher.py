@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Final, Protocol
 
 import structlog
@@ -38,6 +38,7 @@ from consumer.campaign_monitor.client import (
     RequestInvalid,
     SubscriberRow,
 )
+from consumer.consent import FRESH_S, ConsentUnknownError, OptOuts
 from consumer.deadletter import DeadLetter
 from consumer.gateway import RemovalMode
 from consumer.membership.model import Applied
@@ -55,11 +56,11 @@ from consumer.tuning import (
 
 __all__ = [
     "REMOVAL_BATCH_SIZE",
+    "ConsentCheck",
     "DeadLetterSink",
     "DestinationFlusher",
     "Gateway",
     "Original",
-    "ProtectedAddresses",
 ]
 
 log = structlog.get_logger("cmsync.flusher")
@@ -94,10 +95,16 @@ class DeadLetterSink(Protocol):
     async def send(self, letter: DeadLetter) -> None: ...
 
 
-class ProtectedAddresses(Protocol):
-    """The consent bookkeeping of the destination (`consumer.consent.Consent`)."""
+class ConsentCheck(Protocol):
+    """The consent knowledge of the destination's list (`consumer.consent.ListConsent`)."""
 
-    async def protected(self) -> frozenset[str]: ...
+    async def opted_out(
+        self, addresses: Collection[str], *, since: float, activating: bool
+    ) -> OptOuts: ...
+
+    async def warm(self) -> None: ...
+
+    def reactivated(self, addresses: Iterable[str]) -> None: ...
 
 
 class DestinationFlusher:
@@ -111,7 +118,10 @@ class DestinationFlusher:
     awaited before a batch is sent (the membership state records durably that the writes are
     under way) and says which entries to send (the others are dropped: no longer this
     process's to write); None sends nothing now: the batch goes back to the buffer and is
-    taken again after a pause. ``clock`` (monotonic) drives
+    taken again after a pause. ``removed_by_sync(entry)`` (asked after ``before_send``) tells
+    whether the sync's own write took the entry's address out of the list (the membership
+    state keeps it durably): under ``resubscribe = "deleted-only"`` exactly those come back
+    with ``Resubscribe: true``. ``clock`` (monotonic) drives
     the flush policy; ``wall_clock`` measures freshness against the events' ``occurred_at``.
     Both are injectable for tests.
     """
@@ -122,13 +132,14 @@ class DestinationFlusher:
         destination: Destination,
         buffer: DestinationBuffer,
         gateway: Gateway,
-        consent: ProtectedAddresses,
+        consent: ConsentCheck,
         dead_letters: DeadLetterSink,
         release: Callable[[Iterable[Position]], None],
         source_topic: str,
         on_applied: Callable[[Sequence[Entry], Applied], None] | None = None,
         original: Callable[[Entry], Awaitable[Original]] | None = None,
         before_send: Callable[[Sequence[Entry]], Awaitable[Sequence[Entry] | None]] | None = None,
+        removed_by_sync: Callable[[Entry], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -142,6 +153,7 @@ class DestinationFlusher:
         self._on_applied = on_applied
         self._original = original or self._record_original
         self._before_send = before_send
+        self._removed_by_sync = removed_by_sync
         self._clock = clock
         self._wall_clock = wall_clock
         self._wakeup = asyncio.Event()
@@ -198,6 +210,8 @@ class DestinationFlusher:
             return callback
 
         async with asyncio.TaskGroup() as tasks:
+            if self._destination.resubscribe != "always":  # the only policy that never asks
+                tasks.create_task(self._consent.warm())
             while True:
                 now = self._clock()
                 adds = going[1] < BATCHES_IN_FLIGHT
@@ -279,25 +293,68 @@ class DestinationFlusher:
             )
 
     async def _send_adds(self, entries: list[Entry]) -> tuple[int, int]:
-        """Import the adds; returns (applied, dead-lettered)."""
+        """Import the adds; returns (applied, dead-lettered).
+
+        Consent (guarantee 3, the table in the README): an import sent with
+        ``Resubscribe: false`` leaves an inactive address inactive, so it needs no knowledge of
+        who opted out. Only rows sent with ``Resubscribe: true`` do: every row under
+        ``always`` (that policy overrides opt-outs by definition), and under
+        ``deleted-only`` the addresses the sync itself removed, asked about right before."""
         dest = self._destination
-        protected = await self._consent.protected()
-        to_send = [entry for entry in entries if entry.change.key not in protected]
-        if len(to_send) < len(entries):  # consent we must not override: nothing to send
-            kept = [entry for entry in entries if entry.change.key in protected]
-            obs.events_skipped.labels(reason="consent").inc(len(kept))
-            self._complete(kept, applied=True, outcome=Applied.KEPT)
-        if not to_send:
-            return 0, 0
+        if dest.resubscribe != "deleted-only":
+            return await self._import(entries, resubscribe=dest.resubscribe == "always")
+        back: list[Entry] = []
+        plain: list[Entry] = []
+        removed_by_sync = self._removed_by_sync
+        for entry in entries:
+            (back if removed_by_sync is not None and removed_by_sync(entry) else plain).append(
+                entry
+            )
+        applied, rejected = await self._import(plain, resubscribe=False) if plain else (0, 0)
+        if back:
+            opted = await self._opted_out(back, activating=True)
+            if opted is not None:
+                ours = dest.removal == "unsubscribe"  # its Unsubscribed state is the sync's own
+                kept = [e for e in back if opted.protects(e.change.key, unsubscribed_by_sync=ours)]
+                if kept:  # opted out after the sync removed them: theirs to decide now
+                    obs.events_skipped.labels(reason="consent").inc(len(kept))
+                    self._complete(kept, applied=True, outcome=Applied.KEPT)
+                keep = {id(e) for e in kept}
+                again = [e for e in back if id(e) not in keep]
+                if again:
+                    more, refused = await self._import(again, resubscribe=True)
+                    applied, rejected = applied + more, rejected + refused
+        return applied, rejected
+
+    async def _opted_out(self, entries: list[Entry], *, activating: bool) -> OptOuts | None:
+        """Who of ``entries`` opted out, as of moments ago; None when that cannot be known now:
+        the entries go back to the buffer unwritten (fail closed) and are taken again later."""
+        try:
+            return await self._consent.opted_out(
+                [e.change.key for e in entries],
+                since=self._clock() - FRESH_S,
+                activating=activating,
+            )
+        except ConsentUnknownError as exc:
+            name = self._destination.name
+            obs.consent_unknown.labels(destination=name).inc(len(entries))
+            log.warning("consent_unknown", destination=name, held=len(entries), reason=str(exc))
+            self._buffer.requeue(entries)
+            await asyncio.sleep(SEND_RETRY_S)
+            return None
+
+    async def _import(self, entries: list[Entry], *, resubscribe: bool) -> tuple[int, int]:
+        """One import call; returns (applied, dead-lettered)."""
+        dest = self._destination
         rows: list[SubscriberRow] = []
         by_email: dict[str, Entry] = {}
-        for entry in to_send:
+        for entry in entries:
             row = row_of(dest, entry)
             rows.append(row)
             by_email[row.email] = entry
         try:
             result = await self._gateway.import_subscribers(
-                dest.list_id, rows, resubscribe=dest.resubscribe != "never", destination=dest.name
+                dest.list_id, rows, resubscribe=resubscribe, destination=dest.name
             )
         except (RecordRejected, RequestInvalid) as exc:
             # The whole import was refused for a reason retrying cannot fix: keep the records.
@@ -312,23 +369,34 @@ class DestinationFlusher:
         for code, bad in failed.items():
             await self._dead_letter(bad, "cm_rejected", f"import row rejected (code {code})", code)
         applied = list(by_email.values())
+        if resubscribe:
+            self._consent.reactivated(entry.change.key for entry in applied)
         self._complete(applied, applied=True, outcome=Applied.ACTIVE)
         obs.applied_changes.labels(destination=dest.name, kind="add").inc(len(applied))
         return len(applied), sum(map(len, failed.values()))
 
     async def _send_removals(self, entries: list[Entry]) -> tuple[int, int]:
         """Remove the addresses, all calls at once (the gateway lets a few run, the limiter
-        paces them); returns (applied, dead-lettered)."""
+        paces them); returns (applied, dead-lettered).
+
+        Right before, unless ``resubscribe = "always"``: who of them opted out. Those are left
+        as they are (KEPT): deleting an Unsubscribed address would erase the evidence of the
+        opt-out, and unsubscribing it would make the sync's own removal of what the person
+        did (so a re-entry would undo it)."""
         dest = self._destination
-        protected = await self._consent.protected()
+        opted = OptOuts()
+        if dest.resubscribe != "always":
+            known = await self._opted_out(entries, activating=False)
+            if known is None:
+                return 0, 0
+            opted = known
         removed = rejected = 0
 
         async def remove(entry: Entry) -> None:
             nonlocal removed, rejected
             address = entry.change.key
-            if address in protected:
-                # Already inactive by the person's own choice; deleting would turn an
-                # Unsubscribed address into a Deleted one that a re-entry could reactivate.
+            if opted.protects(address):
+                obs.events_skipped.labels(reason="consent").inc()
                 self._complete([entry], applied=True, outcome=Applied.KEPT)
                 return
             try:

@@ -253,6 +253,21 @@ state_restored_records: Final = Counter(
     "Changelog records read into the local membership state by restores.",
     registry=REGISTRY,
 )
+consent_reads: Final = Counter(
+    "cmsync_consent_reads",
+    "Reads of who opted out (consent): listing is unsubscribed, bounced, suppressed (the"
+    " client's suppression list) or subscriber (one address, while a list's first full read"
+    " runs); outcome is full, incremental, per_address (counted per address) or failed.",
+    ["destination", "listing", "outcome"],
+    registry=REGISTRY,
+)
+consent_unknown: Final = Counter(
+    "cmsync_consent_unknown",
+    "Writes held back because who opted out could not be known (a listing failed): they are"
+    " tried again later, never sent blind.",
+    ["destination"],
+    registry=REGISTRY,
+)
 state_checkpoint_failures: Final = Counter(
     "cmsync_state_checkpoint_failures",
     "Checkpoints of the membership state that Kafka did not acknowledge; their records are"
@@ -315,6 +330,7 @@ def init_labels(
         pending_changes.labels(destination=name).set(0)
         destination_up.labels(destination=name).set(1)
         changes_coalesced.labels(destination=name)
+        consent_unknown.labels(destination=name)
         flush_duration.labels(destination=name)
         freshness.labels(destination=name)
         for kind in ("add", "remove"):

@@ -258,8 +258,9 @@ class Settings:
         "CMSYNC_CONSENT_REFRESH_S",
         positive,
         "300",
-        "seconds between re-reads of each list's Unsubscribed and Bounced members, used by the "
-        "resubscribe policy (> 0; extension)",
+        "seconds between full re-reads of each list's Unsubscribed and Bounced members (and "
+        "the client's suppression list); between them, each write that could override an "
+        "opt-out is preceded by an incremental read (> 0; extension)",
     )
 
 

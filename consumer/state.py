@@ -349,6 +349,19 @@ class MembershipState:
                     return None
         return allowed
 
+    def removed_by_sync(self, entry: Entry) -> bool:
+        """Whether the sync's own write took the entry's address out of its list (the flushers'
+        ``removed_by_sync``; asked after `mark_sending`, which recorded every earlier outcome).
+        False for a partition this process gave up: nothing is sent for it here."""
+        payload = entry.change.payload
+        room = self._addresses.get(partition_offset(entry.change.position)[0])
+        if not isinstance(payload, Wanted) or room is None:
+            return False
+        stage = room.stage
+        assert isinstance(stage, StageTwo)
+        found = stage.table.state(payload.desired.list_id, payload.desired.address)
+        return found is not None and found.removed_by_sync
+
     async def _checkpoint_two(self, room: _Room) -> None:
         """Record what was applied, then checkpoint (the room's lock held)."""
         stage = room.stage

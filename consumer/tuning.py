@@ -88,6 +88,16 @@ CALLS_IN_FLIGHT: Final = 4
 IMPORT_PRIORITY: Final = 0
 LISTING_PRIORITY: Final = IMPORT_PRIORITY
 REMOVAL_PRIORITY: Final = 1
+#: Consent (consumer.consent): a write that could override an opt-out is preceded by a read of
+#: the list's opt-outs at most this old (one read serves every such write of the list in that
+#: time: two or three requests per list per second at most, and only while they flow).
+CONSENT_FRESH_S: Final = 1.0
+#: An incremental read starts this long before the newest opt-out date seen (minute precision
+#: of the filter; a bounce processed late may carry an earlier date).
+CONSENT_INCREMENTAL_MARGIN_S: Final = 600.0
+#: Until a list's first full read is done, batches of at most this many addresses are asked
+#: about one by one (one GET each), so removals keep flowing meanwhile.
+CONSENT_PER_ADDRESS_LIMIT: Final = 10
 #: How far ahead the rate limiter reserves slots (see `AimdRateLimiter.acquire`).
 LOOKAHEAD_S: Final = 0.3
 #: Connections kept to the API: far above what one process needs at the configured request

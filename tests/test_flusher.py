@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,26 @@ import orjson
 import pytest
 
 from consumer import observability as obs
-from consumer.buffer import AppliedMemory, Change, DestinationBuffer, Position, partition_offset
+from consumer.buffer import (
+    AppliedMemory,
+    Change,
+    DestinationBuffer,
+    Entry,
+    Position,
+    partition_offset,
+)
 from consumer.campaign_monitor.client import (
     ImportFailure,
     ImportResult,
-    MemberState,
     RecordRejected,
     SubscriberRow,
 )
-from consumer.consent import Consent
+from consumer.consent import ConsentUnknownError, OptOuts
 from consumer.deadletter import DeadLetter
+from consumer.destinations import Resubscribe
 from consumer.flusher import DestinationFlusher
 from consumer.gateway import RemovalMode
-from consumer.membership.model import Desired, Origin
+from consumer.membership.model import Applied, Desired, Origin
 from consumer.rows import Wanted
 from consumer.settings import Destination, load_settings
 from tests.simulator_fixtures import FakeClock
@@ -74,10 +81,8 @@ class FakeGateway:
     def __init__(self) -> None:
         self.imports: list[tuple[list[SubscriberRow], bool]] = []
         self.removals: list[tuple[RemovalMode, str]] = []
-        self.listings: list[MemberState] = []
         self.import_failures: dict[str, int] = {}  # address -> Campaign Monitor code
         self.removal_answers: dict[str, int] = {}  # address -> 203 (not in list) or error code
-        self.members_in: dict[MemberState, list[str]] = {}
         self._stalled: str | None = None
         self._recovered = asyncio.Event()
         self._recovered.set()
@@ -114,15 +119,35 @@ class FakeGateway:
             raise RecordRejected("refused", status=400, code=code, endpoint=how)
         return True
 
-    async def members(
-        self, list_id: str, state: MemberState, *, destination: str
-    ) -> AsyncIterator[dict[str, Any]]:
-        self.listings.append(state)
-        for address in self.members_in.get(state, []):
-            yield {"EmailAddress": address, "State": state}
-
     def stalled_reason(self, destination: str) -> str | None:
         return self._stalled
+
+
+class FakeConsent:
+    """Scripted answers of who opted out; records each question (addresses, activating).
+    ``unknown`` makes the next questions fail as an unreadable listing would."""
+
+    def __init__(self) -> None:
+        self.opted = OptOuts()
+        self.asked: list[tuple[list[str], bool]] = []
+        self.unknown = 0  # how many questions fail from now on
+        self.warmed = 0
+        self.reactivated_addresses: list[str] = []
+
+    async def opted_out(
+        self, addresses: Collection[str], *, since: float, activating: bool
+    ) -> OptOuts:
+        self.asked.append((sorted(addresses), activating))
+        if self.unknown:
+            self.unknown -= 1
+            raise ConsentUnknownError("the unsubscribed listing could not be read (code 500)")
+        return self.opted
+
+    async def warm(self) -> None:
+        self.warmed += 1
+
+    def reactivated(self, addresses: Iterable[str]) -> None:
+        self.reactivated_addresses.extend(addresses)
 
 
 class FakeSink:
@@ -141,6 +166,9 @@ class Rig:
         self.destination = destination
         self.clock = FakeClock()
         self.gateway = FakeGateway()
+        self.consent = FakeConsent()
+        self.removed_by_sync: set[str] = set()  # addresses the state says the sync removed
+        self.outcomes: dict[str, Applied] = {}
         self.sink = FakeSink()
         self.released: list[Position] = []
         self.buffer = DestinationBuffer(
@@ -153,14 +181,20 @@ class Rig:
             destination=destination,
             buffer=self.buffer,
             gateway=self.gateway,
-            consent=Consent(destination, self.gateway, refresh_s=300, clock=self.clock),
+            consent=self.consent,
             dead_letters=self.sink,
             release=self.release,
             source_topic=TOPIC,
+            on_applied=self.applied,
+            removed_by_sync=lambda entry: entry.change.key in self.removed_by_sync,
             clock=self.clock,
         )
         self._offset = 0
         self._changed = asyncio.Event()
+
+    def applied(self, entries: Sequence[Entry], outcome: Applied) -> None:
+        for entry in entries:
+            self.outcomes[entry.change.key] = outcome
 
     def release(self, positions: Iterable[Position]) -> None:
         self.released.extend(positions)
@@ -242,7 +276,7 @@ async def test_import_with_a_rejected_row_dead_letters_it_and_releases_every_cha
 
     assert ordered(rig.released) == [good, bad, other]
     [(rows, resubscribe)] = rig.gateway.imports
-    assert resubscribe is True  # deleted-only: what the sync deleted comes back
+    assert resubscribe is False  # deleted-only: only what the sync removed comes back
     by_email = {row.email: row for row in rows}
     assert set(by_email) == {"ada@example.com", "bad@example.com", "grace@example.com"}
     assert by_email["ada@example.com"].name == "Ada"
@@ -296,45 +330,122 @@ async def test_removals_answered_not_in_list_or_already_inactive_count_as_done(
     assert after - before == 4
 
 
-async def test_consent_protected_addresses_are_neither_imported_nor_removed(rig: Rig) -> None:
-    rig.gateway.members_in = {
-        "unsubscribed": ["Left@Example.com"],
-        "bounced": ["bounced@example.com"],
-    }
+async def test_deleted_only_reactivates_exactly_what_the_sync_removed(rig: Rig) -> None:
+    """Rows the sync never removed go with Resubscribe: false (an inactive address stays
+    inactive: no question needed); the sync's own removals come back with Resubscribe: true,
+    unless the person opted out since (asked right before, activating)."""
+    rig.removed_by_sync = {"back@example.com", "left-since@example.com"}
+    rig.consent.opted = OptOuts(unsubscribed=frozenset({"left-since@example.com"}))
     skipped_before = metric("cmsync_events_skipped_total", reason="consent")
-    positions = [
-        rig.offer("left@example.com"),
-        rig.offer("new@example.com"),
-        rig.offer("bounced@example.com", entered=False),
-    ]
+    for address in ("new@example.com", "back@example.com", "left-since@example.com"):
+        rig.offer(address)
     rig.due()
     await rig.until(lambda: len(rig.released) == 3, "all three positions released")
 
-    assert ordered(rig.released) == positions
-    [(rows, _)] = rig.gateway.imports
-    assert [row.email for row in rows] == ["new@example.com"]
-    assert rig.gateway.removals == []
-    assert sorted(rig.gateway.listings) == ["bounced", "unsubscribed"]  # one read per state
+    assert sorted((resub, [r.email for r in rows]) for rows, resub in rig.gateway.imports) == [
+        (False, ["new@example.com"]),
+        (True, ["back@example.com"]),
+    ]
+    assert rig.consent.asked == [(["back@example.com", "left-since@example.com"], True)]
+    assert rig.consent.reactivated_addresses == ["back@example.com"]
+    assert rig.outcomes == {
+        "new@example.com": Applied.ACTIVE,
+        "back@example.com": Applied.ACTIVE,
+        "left-since@example.com": Applied.KEPT,
+    }
     assert metric("cmsync_events_skipped_total", reason="consent") - skipped_before == 1
-    assert rig.sink.letters == []
 
 
-async def test_nothing_is_protected_when_the_destination_always_resubscribes(
+async def test_the_syncs_own_unsubscribe_is_not_mistaken_for_the_persons(
     destination: Destination,
 ) -> None:
-    rig = Rig(dataclasses.replace(destination, resubscribe="always"))
-    rig.gateway.members_in = {"unsubscribed": ["left@example.com"]}
+    """removal = "unsubscribe": the list shows the sync's own removal as Unsubscribed; the
+    state knows it was the sync's, so a re-entry brings the address back. A bounce since is
+    the person's (Campaign Monitor's) and protects."""
+    rig = Rig(dataclasses.replace(destination, removal="unsubscribe"))
+    rig.removed_by_sync = {"ours@example.com", "bounced@example.com"}
+    rig.consent.opted = OptOuts(
+        unsubscribed=frozenset({"ours@example.com"}), bounced=frozenset({"bounced@example.com"})
+    )
+    task = asyncio.create_task(rig.flusher.run())
+    try:
+        rig.offer("ours@example.com")
+        rig.offer("bounced@example.com")
+        rig.due()
+        await rig.until(lambda: len(rig.released) == 2, "both released")
+    finally:
+        task.cancel()
+    [(rows, resubscribe)] = rig.gateway.imports
+    assert ([row.email for row in rows], resubscribe) == (["ours@example.com"], True)
+    assert rig.outcomes["bounced@example.com"] is Applied.KEPT
+
+
+async def test_removals_leave_opted_out_addresses_as_they_are(rig: Rig) -> None:
+    rig.consent.opted = OptOuts(
+        unsubscribed=frozenset({"left@example.com"}), bounced=frozenset({"gone@example.com"})
+    )
+    for address in ("left@example.com", "gone@example.com", "member@example.com"):
+        rig.offer(address, entered=False)
+    rig.due()
+    await rig.until(lambda: len(rig.released) == 3, "all three released")
+
+    assert rig.gateway.removals == [("delete", "member@example.com")]
+    assert rig.consent.asked == [
+        (["gone@example.com", "left@example.com", "member@example.com"], False)
+    ]
+    assert rig.outcomes == {
+        "left@example.com": Applied.KEPT,
+        "gone@example.com": Applied.KEPT,
+        "member@example.com": Applied.REMOVED,
+    }
+
+
+async def test_writes_that_need_consent_wait_while_it_cannot_be_known(rig: Rig) -> None:
+    """Fail closed: a failed read holds the removal (and the re-entry) unsent, positions
+    held; plain adds, which need no answer, go on; the held writes go once a read works."""
+    rig.removed_by_sync = {"back@example.com"}
+    rig.consent.unknown = 2
+    before = metric("cmsync_consent_unknown_total", destination="news")
+    gone = rig.offer("gone@example.com", entered=False)
+    back = rig.offer("back@example.com")
+    new = rig.offer("new@example.com")
+    rig.due()
+    await rig.until(lambda: new in rig.released, "the plain add applied")
+    await rig.until(lambda: rig.consent.unknown == 0, "both questions failed")
+    assert gone not in rig.released
+    assert back not in rig.released
+    assert rig.gateway.removals == []
+    assert metric("cmsync_consent_unknown_total", destination="news") - before == 2
+
+    rig.due()
+    await rig.until(lambda: len(rig.released) == 3, "the held writes applied")
+    assert rig.gateway.removals == [("delete", "gone@example.com")]
+    assert (["back@example.com"], True) in [
+        ([r.email for r in rows], resub) for rows, resub in rig.gateway.imports
+    ]
+
+
+@pytest.mark.parametrize("policy", ["always", "never"])
+async def test_always_and_never_ask_nothing_before_an_import(
+    destination: Destination, policy: Resubscribe
+) -> None:
+    rig = Rig(dataclasses.replace(destination, resubscribe=policy))
+    rig.removed_by_sync = {"left@example.com"}
     task = asyncio.create_task(rig.flusher.run())
     try:
         rig.offer("left@example.com")
+        rig.offer("gone@example.com", entered=False)
         rig.due()
-        await rig.until(lambda: len(rig.released) == 1, "the add released")
+        await rig.until(lambda: len(rig.released) == 2, "both released")
     finally:
         task.cancel()
     [(rows, resubscribe)] = rig.gateway.imports
     assert [row.email for row in rows] == ["left@example.com"]
-    assert resubscribe is True
-    assert rig.gateway.listings == []  # no listing read for a policy that does not need it
+    assert resubscribe is (policy == "always")
+    # "always" overrides opt-outs by definition: it never asks, not even before a delete.
+    expected = [] if policy == "always" else [(["gone@example.com"], False)]
+    assert rig.consent.asked == expected
+    assert rig.consent.warmed == (0 if policy == "always" else 1)
 
 
 async def test_drain_sends_at_once_and_end_drain_restores_the_flush_interval(rig: Rig) -> None:

@@ -22,7 +22,6 @@ from consumer.campaign_monitor.client import (
     RecordRejected,
     SubscriberRow,
 )
-from consumer.consent import Consent
 from consumer.devtools.simulator import (
     CustomFieldSpec,
     FaultConfig,
@@ -204,23 +203,6 @@ async def test_each_listing_page_takes_one_slot(
     assert len(members) == 25
     assert requests(sim, "members") == 3  # pages of 10, 10 and 5
     assert slots(gateway, clock) == 3
-
-
-async def test_consent_reads_the_protected_addresses_through_the_gateway(
-    gateway: ApiGateway, sim: Simulator, clock: FakeClock, destinations: dict[str, Destination]
-) -> None:
-    sim.force_state(LIST_ID, "Left@Example.com", "Unsubscribed", suppress=False)
-    sim.force_state(LIST_ID, "bounced@example.com", "Bounced")
-    sim.force_state(LIST_ID, "active@example.com", "Active")
-    consent = Consent(destinations["news"], gateway, refresh_s=300, clock=clock)
-
-    assert await consent.protected() == {"left@example.com", "bounced@example.com"}
-    assert await consent.protected() == {"left@example.com", "bounced@example.com"}
-    assert requests(sim, "members") == 2  # one page per state, then cached
-    assert slots(gateway, clock) == 2
-    clock.advance(300)
-    await consent.protected()
-    assert requests(sim, "members") == 4  # refreshed
 
 
 @pytest.mark.parametrize("fault", [429, 503, 0])
