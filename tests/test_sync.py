@@ -92,7 +92,6 @@ async def test_reentry_after_self_unsubscribe(
         await h.wait_synced()
         # Ada unsubscribes herself in Campaign Monitor, then exits and re-enters the segment.
         h.sim.force_state(h.list_ids["news"], "ada@example.com", "Unsubscribed")
-        await asyncio.sleep(0.6)  # longer than CMSYNC_CONSENT_REFRESH_S
         await h.produce(
             [
                 event("ada@example.com", "exited", at_ms=T0 + 1000),
