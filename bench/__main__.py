@@ -1,8 +1,8 @@
 """`make bench`: every scenario in one run, then a summary of every figure with its target.
 
-``python -m bench [--only intake,export,churn,scaleout,freshness] [--skip …]``; sizes come from
-each scenario's settings (its ``--help``; environment variables ``CMSYNC_BENCH_*``). Scenario 5
-(memory) is measured during scenario 2 (``export``).
+``python -m bench [--only intake,export,churn,scaleout,freshness,consent] [--skip …]``; sizes
+come from each scenario's settings (its ``--help``; environment variables ``CMSYNC_BENCH_*``).
+Scenario 5 (memory) is measured during scenario 2 (``export``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import churn, export, freshness, intake, scaleout
+from bench import churn, consent, export, freshness, intake, scaleout
 from bench.common import Result, Scenario, machine, print_result, print_summary, report
 
 SCENARIOS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Scenario]] = {
     module.__name__.removeprefix("bench."): (module.add_arguments, module.scenario)
-    for module in (intake, export, churn, scaleout, freshness)
+    for module in (intake, export, churn, scaleout, freshness, consent)
 }
 
 

@@ -16,7 +16,8 @@ How the knowledge is kept fresh, per list (and per client for the suppression li
 * an **incremental read** right before the writes that need it: the same listings with the
   ``date`` filter, from the newest date seen less `INCREMENTAL_MARGIN_S` (the filter has minute
   precision, and the dates are in the account's time zone, so the service compares the
-  server's dates with each other, never with its own clock); usually one page per state. One
+  server's dates with each other, never with its own clock), newest first, until a page brings
+  no address not known yet: one page per state as a rule. One
   read serves every write that waits while it runs (one read at a time per list), and a read
   younger than `FRESH_S` serves the writes that come after it.
 
@@ -49,6 +50,7 @@ import structlog
 
 from consumer import observability as obs
 from consumer.campaign_monitor.client import (
+    MAX_PAGE_SIZE,
     CampaignMonitorClient,
     MemberState,
     RecordRejected,
@@ -191,6 +193,9 @@ class _Known:
         self._hashes, self._newest = hashes, newest
 
     async def _read_since(self) -> None:
+        """The rows dated from the newest seen less the margin, newest first, until a whole
+        page brings no address not known yet: new opt-outs are at the top, so a read costs
+        one page (two when a page's worth opted out) however many rows share the window."""
         if self._newest is None:
             # Nobody in this state yet: from yesterday, whatever the account's time zone.
             now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # as the rows' dates
@@ -199,14 +204,24 @@ class _Known:
         else:
             start = self._newest - datetime.timedelta(seconds=INCREMENTAL_MARGIN_S)
             since = start.strftime("%Y-%m-%d %H:%M")
+        hashes = self._hashes
+        in_page = new_in_page = 0
         async for row in self._since(since):
             date = _parse_date(row.get("Date"))
             if date is not None:
-                if date < start:  # a listing ordered newest first: the rest is older
+                if date < start:  # a listing without a date filter (suppression): done
                     break
                 if self._newest is None or date > self._newest:
                     self._newest = date
-            self._hashes.add(hash(normalise_address(str(row.get("EmailAddress", "")))))
+            hashed = hash(normalise_address(str(row.get("EmailAddress", ""))))
+            if hashed not in hashes:
+                hashes.add(hashed)
+                new_in_page += 1
+            in_page += 1
+            if in_page == MAX_PAGE_SIZE:  # the next row would fetch the next page
+                if not new_in_page:
+                    break
+                in_page = new_in_page = 0
 
 
 class ConsentBook:
@@ -274,7 +289,12 @@ class ListConsent:
 
             def since(since: str) -> AsyncIterator[dict[str, Any]]:
                 return gateway.members(
-                    list_id, state, destination=name, since=since, order_field="date"
+                    list_id,
+                    state,
+                    destination=name,
+                    since=since,
+                    order_field="date",
+                    descending=True,
                 )
 
             return _Known(state, name, full, since, clock, refresh_s)
