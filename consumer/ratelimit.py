@@ -31,6 +31,7 @@ import heapq
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -150,6 +151,7 @@ class AimdRateLimiter:
         "_not_before",
         "_pause_epoch",
         "_rate",
+        "_released",
         "_server",
         "_tat",
         "_tat_base",
@@ -212,6 +214,10 @@ class AimdRateLimiter:
         self._waiting: list[tuple[int, int, asyncio.Future[tuple[float, int]]]] = []
         self._arrivals = itertools.count()
         self._server: asyncio.Task[None] | None = None
+        # acquire's release times, the last `ceiling + burst - 1` of them (see `acquire`)
+        self._released: deque[float] = deque(
+            maxlen=max(1, math.floor(self.ceiling + self.burst - 1))
+        )
 
     @property
     def rate(self) -> float:
@@ -323,6 +329,13 @@ class AimdRateLimiter:
         busy). If a pause was imposed while waiting (a 429, an exhausted window) and the slot
         falls inside it, queue again behind the pause instead of sending into it. Cancelling
         the wait forfeits the slot (which errs on the polite side).
+
+        The window guarantee holds for the granted slots; the releases are checked once more
+        against the clock: a blocked event loop oversleeps the slots due meanwhile, and they
+        would all go out together, on top of the next ones (a 10 requests/s limiter released
+        14 in one second after the loop was blocked for 0.6 s). So a caller is released only
+        when fewer than ``ceiling + burst - 1`` callers were released in the second before;
+        otherwise it waits for the oldest of them to be a second old.
         """
         while True:
             turn: asyncio.Future[tuple[float, int]] = asyncio.get_running_loop().create_future()
@@ -333,7 +346,14 @@ class AimdRateLimiter:
             if wait > 0:
                 await asyncio.sleep(wait)
             if self._pause_epoch == epoch or clock() >= self._not_before:
+                break
+        released = self._released
+        while True:
+            now = clock()
+            if len(released) < (released.maxlen or 1) or now - released[0] >= 1.0:
+                released.append(now)
                 return
+            await asyncio.sleep(released[0] + 1.0 - now)
 
     async def _serve(self, clock: Callable[[], float]) -> None:
         """Hand out slots to the waiting line while anyone waits (see `acquire`)."""

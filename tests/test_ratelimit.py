@@ -374,3 +374,21 @@ async def test_acquire_with_the_real_clock() -> None:
     limiter = AimdRateLimiter(1)
     await asyncio.wait_for(limiter.acquire(), timeout=5)  # the first slot is immediate
     assert limiter.reserve(time.monotonic()) > 0  # and it was taken: the next is ~1 s away
+
+
+async def test_a_busy_event_loop_does_not_let_overslept_slots_burst() -> None:
+    """Strict in every sliding second of *actual* release times, not only of granted slots:
+    when the event loop is blocked (a long synchronous step elsewhere in the process), the
+    slots granted meanwhile must not all go out together on top of the next ones."""
+    limiter = AimdRateLimiter(10)
+    released: list[float] = []
+
+    async def caller() -> None:
+        await limiter.acquire()
+        released.append(time.monotonic())
+
+    callers = [asyncio.create_task(caller()) for _ in range(25)]
+    await asyncio.sleep(0.35)
+    time.sleep(0.6)  # noqa: ASYNC251 # the point: the loop is busy, slots due meanwhile are overslept
+    await asyncio.gather(*callers)
+    assert max_in_window(released) <= 10, released
