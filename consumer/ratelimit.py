@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from consumer.tuning import LOOKAHEAD_S
+from consumer.tuning import LOOKAHEAD_S, PRIORITY_STEP_S
 
 __all__ = ["AimdRateLimiter", "RateLimitInfo"]
 
@@ -210,8 +210,9 @@ class AimdRateLimiter:
         self._cap_until = -math.inf  # ... valid until the window resets
         self._last_signal: float | None = None  # last success or 429 (additive increase clock)
         self._last_decrease = -math.inf
-        # acquire's waiting line: (priority, arrival, turn), and the task serving it
-        self._waiting: list[tuple[int, int, asyncio.Future[tuple[float, int]]]] = []
+        # acquire's waiting line: (arrival time + priority head start, arrival, turn), and the
+        # task serving it
+        self._waiting: list[tuple[float, int, asyncio.Future[tuple[float, int]]]] = []
         self._arrivals = itertools.count()
         self._server: asyncio.Task[None] | None = None
         # acquire's release times, the last `ceiling + burst - 1` of them (see `acquire`)
@@ -317,17 +318,22 @@ class AimdRateLimiter:
     ) -> None:
         """Wait for a slot (the thin async wrapper; the only place that sleeps).
 
-        Callers wait in line, lower ``priority`` first, then first come first served (an
-        import, which can carry a thousand changes, need not queue behind a hundred single
-        removals). Slots are handed out in that order, each as soon as it is at most
+        Callers wait in line by arrival, each ``priority`` step counting as arriving
+        `PRIORITY_STEP_S` later (aging): an import, which can carry a thousand changes, need
+        not queue behind a hundred single removals that came moments before it, yet a removal
+        waits behind a steady stream of imports no longer than that head start plus the line
+        already ahead of it (strict priority let a backlog of adds starve the removals,
+        holding their offsets).
+        Slots are handed out in that order, each as soon as it is at most
         `LOOKAHEAD_S` away, at the pace of that moment: after a low header cap is lifted the
         pace is back within `LOOKAHEAD_S` (reserving for every caller on arrival had spaced
         them all at the low pace; two processes sharing a key reached ~55 % of its rate that
         way), and a busy event loop does not cost slots: everything due within the lookahead
-        is handed out at once, and slots a busy loop overslept still go out together (handing
-        out one slot per loop turn had halved the request rate while intake kept the loop
-        busy). If a pause was imposed while waiting (a 429, an exhausted window) and the slot
-        falls inside it, queue again behind the pause instead of sending into it. Cancelling
+        is handed out at once, and slots a busy loop overslept go out as soon as the sliding
+        second below allows (handing out one slot per loop turn had halved the request rate
+        while intake kept the loop busy). If a pause was imposed while waiting (a 429, an
+        exhausted window) and the slot falls inside it, queue again behind the pause instead
+        of sending into it. Cancelling
         the wait forfeits the slot (which errs on the polite side).
 
         The window guarantee holds for the granted slots; the releases are checked once more
@@ -339,7 +345,8 @@ class AimdRateLimiter:
         """
         while True:
             turn: asyncio.Future[tuple[float, int]] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiting, (priority, next(self._arrivals), turn))
+            rank = clock() + priority * PRIORITY_STEP_S
+            heapq.heappush(self._waiting, (rank, next(self._arrivals), turn))
             if self._server is None or self._server.done():
                 self._server = asyncio.get_running_loop().create_task(self._serve(clock))
             wait, epoch = await turn

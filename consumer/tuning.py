@@ -88,6 +88,9 @@ CALLS_IN_FLIGHT: Final = 4
 IMPORT_PRIORITY: Final = 0
 LISTING_PRIORITY: Final = IMPORT_PRIORITY
 REMOVAL_PRIORITY: Final = 1
+#: One step of priority counts as arriving this much later in the limiter's line (aging): a
+#: removal waits at most this long behind imports that keep arriving.
+PRIORITY_STEP_S: Final = 1.0
 #: Consent (consumer.consent): a write that could override an opt-out is preceded by a read of
 #: the list's opt-outs at most this old (one read serves every such write of the list in that
 #: time: two or three requests per list per second at most, and only while they flow).

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.ratelimit import AimdRateLimiter, RateLimitInfo
+from consumer.tuning import IMPORT_PRIORITY, PRIORITY_STEP_S, REMOVAL_PRIORITY
 
 # -- RateLimitInfo ----------------------------------------------------------------------------
 
@@ -392,3 +393,34 @@ async def test_a_busy_event_loop_does_not_let_overslept_slots_burst() -> None:
     time.sleep(0.6)  # noqa: ASYNC251 # the point: the loop is busy, slots due meanwhile are overslept
     await asyncio.gather(*callers)
     assert max_in_window(released) <= 10, released
+
+
+async def test_a_removal_waits_behind_a_stream_of_imports_no_longer_than_its_head_start() -> None:
+    """Aging: imports (priority 0) go before a removal (priority 1) that came moments before
+    them, but a removal is not starved by imports that keep coming."""
+    limiter = AimdRateLimiter(20)  # hands out the slots due within 0.3 s: 6
+    order: list[str] = []
+    stop = asyncio.Event()
+
+    async def importer() -> None:  # each back in line at once: imports are always waiting
+        while not stop.is_set():
+            await limiter.acquire(priority=IMPORT_PRIORITY)
+            order.append("import")
+
+    importers = [asyncio.create_task(importer()) for _ in range(12)]  # more than 6 waiting
+    await asyncio.sleep(0.2)
+    asked = time.monotonic()
+    try:
+        await asyncio.wait_for(limiter.acquire(priority=REMOVAL_PRIORITY), timeout=5)
+    except TimeoutError:
+        pytest.fail("the removal was starved by the imports")
+    waited = time.monotonic() - asked
+    order.append("removal")
+    first_import_after = len(order)
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*importers)
+    # Its head start, then the imports already in line (12) at 20/s, and some slack.
+    assert waited <= PRIORITY_STEP_S + 12 / 20 + 0.5, waited
+    assert order.index("removal") >= 12  # imports that came moments later went first
+    assert len(order) > first_import_after  # the imports went on after it
