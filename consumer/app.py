@@ -114,6 +114,7 @@ class Service:
         self.intake = Intake(tracker=self.tracker, send_dead_letter=self._dlq.send)
         self._state: MembershipState | None = None
         self._flushers: list[DestinationFlusher] = []
+        self._buffers: list[DestinationBuffer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
         self._deadline: float | None = None  # end of the shutdown budget, once stopping
@@ -125,6 +126,8 @@ class Service:
             committable=self._committable,
             outstanding=self._outstanding,
             max_pending=settings.max_pending,
+            outstanding_bytes=self._outstanding_bytes,
+            max_pending_bytes=settings.max_pending_bytes,
             on_revoked=self._on_revoked,
             on_assigned=self._on_assigned,
         )
@@ -158,6 +161,10 @@ class Service:
         )
         obs.max_pending.set(s.max_pending)
         consent = ConsentBook(gateways, refresh_s=s.consent_refresh_s)
+        obs.max_pending_bytes.set(s.max_pending_bytes)
+        obs.pending_bytes.labels(destination=obs.NO_DESTINATION).set_function(
+            self.intake.letter_bytes
+        )
         targets = []
         for dest in sending(s.destinations):
             gateway = gateways[dest.name]
@@ -181,6 +188,8 @@ class Service:
                 removed_by_sync=state.removed_by_sync,
             )
             self._flushers.append(flusher)
+            self._buffers.append(buffer)
+            obs.pending_bytes.labels(destination=dest.name).set_function(buffer.pending_bytes)
             targets.append(Target(dest, buffer, flusher.wake))
         return targets
 
@@ -200,6 +209,10 @@ class Service:
         their dead letters."""
         held = self.tracker.outstanding()
         return held if self._state is None else held + self._state.in_buffers()
+
+    def _outstanding_bytes(self) -> int:
+        """What the bytes bound counts: the buffers' estimated bytes, and the dead letters'."""
+        return self.intake.letter_bytes() + sum(b.pending_bytes() for b in self._buffers)
 
     def pending(self) -> int:
         """Everything not yet applied or dead-lettered that this process knows of: what

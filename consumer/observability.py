@@ -108,6 +108,14 @@ pending_changes: Final = Gauge(
     ["destination"],
     registry=REGISTRY,
 )
+pending_bytes: Final = Gauge(
+    "cmsync_pending_bytes",
+    "Estimated bytes of the changes buffered for a destination and not yet applied; with"
+    ' destination="", of the records waiting for their dead letters. Their sum is what'
+    " CMSYNC_MAX_PENDING_BYTES bounds.",
+    ["destination"],
+    registry=REGISTRY,
+)
 assigned_partitions: Final = Gauge(
     "cmsync_assigned_partitions",
     "Partitions of the input topic assigned to this process (0 for an idle replica, and while"
@@ -117,7 +125,8 @@ assigned_partitions: Final = Gauge(
 )
 paused_partitions: Final = Gauge(
     "cmsync_paused_partitions",
-    "Partitions whose intake is paused by backpressure (CMSYNC_MAX_PENDING).",
+    "Partitions whose intake is paused by backpressure (CMSYNC_MAX_PENDING or"
+    " CMSYNC_MAX_PENDING_BYTES).",
     registry=REGISTRY,
 )
 
@@ -176,6 +185,12 @@ flush_interval: Final = Gauge(
 max_pending: Final = Gauge(
     "cmsync_max_pending",
     "Configured CMSYNC_MAX_PENDING: pending changes past which intake pauses (set at start).",
+    registry=REGISTRY,
+)
+max_pending_bytes: Final = Gauge(
+    "cmsync_max_pending_bytes",
+    "Configured CMSYNC_MAX_PENDING_BYTES: estimated bytes of pending changes past which intake"
+    " pauses (set at start).",
     registry=REGISTRY,
 )
 

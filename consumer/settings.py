@@ -215,6 +215,13 @@ class Settings:
         "200000",
         "pending changes held in memory before intake pauses (>= 1)",
     )
+    max_pending_bytes: int = setting(
+        "CMSYNC_MAX_PENDING_BYTES",
+        whole(1),
+        "67108864",
+        "bytes of pending changes held in memory before intake pauses, whichever of this and "
+        "CMSYNC_MAX_PENDING is reached first (>= 1)",
+    )
     rate_limit_rps: float = setting(
         "CMSYNC_RATE_LIMIT_RPS", positive, "10", "ceiling of requests per second per API key (> 0)"
     )

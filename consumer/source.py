@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -49,6 +50,31 @@ class RecordHandler(Protocol):
 Partitions = dict[str, set[int]]
 
 
+@dataclass(frozen=True, slots=True)
+class Backpressure:
+    """When intake pauses and resumes (guarantee 4), pure: two bounds, pending changes
+    (CMSYNC_MAX_PENDING) and their estimated bytes (CMSYNC_MAX_PENDING_BYTES). Intake pauses
+    when either is reached and resumes once both are at or below their low-water marks
+    (`LOW_WATER` of each bound), so one bound cannot resume what the other paused."""
+
+    max_pending: int
+    max_pending_bytes: int
+
+    def reached(self, pending: int, pending_bytes: int) -> str | None:
+        """The bound reached ("changes" or "bytes"), or None: pause when not None."""
+        if pending >= self.max_pending:
+            return "changes"
+        if pending_bytes >= self.max_pending_bytes:
+            return "bytes"
+        return None
+
+    def relieved(self, pending: int, pending_bytes: int) -> bool:
+        """Both at or below their low-water marks: resume a paused intake."""
+        return pending <= int(self.max_pending * LOW_WATER) and pending_bytes <= int(
+            self.max_pending_bytes * LOW_WATER
+        )
+
+
 class Source:
     """Fetches records, pauses under backpressure, commits what ``committable`` says is
     durable. ``topics``: the input topic first (the lag and assignment gauges are about it),
@@ -63,6 +89,8 @@ class Source:
         committable: Callable[[str, int], int | None],
         outstanding: Callable[[], int],
         max_pending: int,
+        outstanding_bytes: Callable[[], int],
+        max_pending_bytes: int,
         on_revoked: Callable[[Partitions], Awaitable[None]],
         on_assigned: Callable[[Partitions], Awaitable[None]],
     ) -> None:
@@ -71,8 +99,8 @@ class Source:
         self._handle = handle
         self._committable = committable
         self._outstanding = outstanding
-        self._high_water = max_pending
-        self._low_water = int(max_pending * LOW_WATER)
+        self._outstanding_bytes = outstanding_bytes
+        self._backpressure = Backpressure(max_pending, max_pending_bytes)
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
         self._committed: dict[TopicPartition, int] = {}
@@ -145,14 +173,30 @@ class Source:
             stop.cancel()
 
     def _apply_backpressure(self) -> None:
+        """Pause every assigned partition, or resume them, as `Backpressure` decides from
+        what is pending now. Called after each fetch, so a bound is passed by at most what one
+        fetch brings in."""
         pending = self._outstanding()
-        assigned = self.consumer.assignment()
-        if not self._paused and pending >= self._high_water and assigned:
+        pending_bytes = self._outstanding_bytes()
+        if not self._paused:
+            bound = self._backpressure.reached(pending, pending_bytes)
+            if bound is None:
+                return
+            assigned = self.consumer.assignment()
+            if not assigned:
+                return
             self.consumer.pause(*assigned)
             self._paused = True
             obs.paused_partitions.set(len(assigned))
-            log.info("intake_paused", pending=pending, limit=self._high_water)
-        elif self._paused and pending <= self._low_water:
+            log.info(
+                "intake_paused",
+                pending=pending,
+                limit=self._backpressure.max_pending,
+                pending_bytes=pending_bytes,
+                limit_bytes=self._backpressure.max_pending_bytes,
+                bound=bound,
+            )
+        elif self._backpressure.relieved(pending, pending_bytes):
             # Pausing made aiokafka drop the records it had fetched but not handed out, in
             # reference cycles (a record iterator and its generator) that hold the whole fetch
             # response (up to one fetch's worth per partition). Only the cyclic collector
@@ -162,7 +206,7 @@ class Source:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
             obs.paused_partitions.set(0)
-            log.info("intake_resumed", pending=pending)
+            log.info("intake_resumed", pending=pending, pending_bytes=pending_bytes)
 
     # ---------------------------------------------------------------- committing
 

@@ -53,7 +53,7 @@ from consumer.membership.changelog import InternalTopics
 from consumer.membership.codec import decode_claim
 from consumer.membership.model import Applied, Desired, ProfileChange
 from consumer.membership.stages import Durable, StageOne, StageTwo
-from consumer.rows import Wanted, view_of, wanted
+from consumer.rows import Wanted, payload_bytes, view_of, wanted
 from consumer.settings import Destination
 from consumer.source import ReadAgain
 
@@ -288,6 +288,7 @@ class MembershipState:
                     revision,
                     Wanted(desired, occurred_at_ms),
                     position_of(partition, offset),
+                    payload_bytes(desired),
                 ),
                 now,
             )

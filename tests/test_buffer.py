@@ -17,6 +17,8 @@ from hypothesis.stateful import (
 )
 
 from consumer.buffer import (
+    ENTRY_BYTES,
+    HOLD_BYTES,
     AppliedMemory,
     Batch,
     Change,
@@ -32,7 +34,8 @@ INTERVAL = 5.0
 
 
 class Feed:
-    """Makes changes with increasing seq and unique positions, like the source does."""
+    """Makes changes with increasing seq and unique positions, like the source does; each
+    change's ``size`` differs (100 + 7 * seq), so the byte counts tell changes apart."""
 
     def __init__(self) -> None:
         self.seq = itertools.count()
@@ -49,6 +52,7 @@ class Feed:
             event_id=event_id or f"ev-{seq}",
             payload={"key": key, "seq": seq},
             position=position(0, seq),
+            size=100 + 7 * seq,
         )
 
 
@@ -616,6 +620,7 @@ class BufferMachine(RuleBasedStateMachine):
         self.flights: list[list[Entry]] = []
         self.flying: set[str] = set()
         self.applied: dict[str, tuple[int, bool]] = {}
+        self.discarded: set[Position] = set()
 
     # rules
 
@@ -675,6 +680,18 @@ class BufferMachine(RuleBasedStateMachine):
             self.flights.append(taken)
             self.flying |= set(keys(taken))
 
+    @rule(key=st.sampled_from(KEYS))
+    def discard(self, key: str) -> None:
+        """A partition handed over: its buffered entries (not those in flight) are dropped.
+        The machine drops one key's; its changes are as if never offered, apart from the
+        positions, which are released."""
+        dropped = self.buf.discard(lambda entry: entry.change.key == key)
+        self.released += dropped
+        if dropped:
+            gone = set(dropped)
+            self.discarded |= gone
+            self.offered = [c for c in self.offered if c.position not in gone]
+
     @precondition(lambda self: self.flights)
     @rule(data=st.data(), requeue=st.booleans())
     def finish(self, data: st.DataObject, requeue: bool) -> None:
@@ -719,6 +736,15 @@ class BufferMachine(RuleBasedStateMachine):
         assert self.buf.in_flight() == len(self.flying)
         assert set(self.buf._in_flight) == self.flying
 
+    @invariant()
+    def bytes_follow_the_entries(self) -> None:
+        """The incremental count equals a scan of every entry buffered and in flight."""
+        entries = [*self.buf._buffered.values(), *self.buf._in_flight.values()]
+        expected = sum(
+            ENTRY_BYTES + e.change.size + HOLD_BYTES * (len(e.holds) - 1) for e in entries
+        )
+        assert self.buf.pending_bytes() == expected
+
     def teardown(self) -> None:
         for flight in self.flights:
             self.released += self.buf.complete(flight, applied=True)
@@ -737,8 +763,10 @@ class BufferMachine(RuleBasedStateMachine):
                 )
             self.released += self.buf.complete(taken, applied=True)
         assert self.buf.drained()
+        assert self.buf.pending_bytes() == 0
         # Every position released exactly once.
-        assert Counter(self.released) == Counter(c.position for c in self.offered)
+        offered = [c.position for c in self.offered] + sorted(self.discarded)
+        assert Counter(self.released) == Counter(offered)
         # Net effect in event time.
         for key in KEYS:
             changes = [c for c in self.offered if c.key == key]
@@ -768,3 +796,148 @@ def test_an_entry_keeps_one_position_unwrapped_and_several_in_a_list(feed: Feed)
     assert entry.holds == [first]
     entry._hold(second)
     assert entry.holds == [first, second]
+
+
+# -- pending bytes (CMSYNC_MAX_PENDING_BYTES) -------------------------------------------------
+
+
+def test_pending_bytes_follow_offers_merges_completions_and_discards(feed: Feed) -> None:
+    buf = make()
+    a1 = feed("a@x.io", True, 10)
+    b1 = feed("b@x.io", True, 10)
+    buf.offer(a1, 0.0)
+    buf.offer(b1, 0.0)
+    assert buf.pending_bytes() == 2 * ENTRY_BYTES + a1.size + b1.size
+    a2 = feed("a@x.io", False, 20)  # newer: replaces a1's change, keeps a1's position
+    buf.offer(a2, 0.0)
+    assert buf.pending_bytes() == 2 * ENTRY_BYTES + a2.size + b1.size + HOLD_BYTES
+    buf.offer(feed("a@x.io", True, 5), 0.0)  # older: only its position joins
+    assert buf.pending_bytes() == 2 * ENTRY_BYTES + a2.size + b1.size + 2 * HOLD_BYTES
+    batch = buf.take(INTERVAL, force=True)
+    assert batch is not None
+    # In flight still counts: the entries are alive until completed.
+    assert buf.pending_bytes() == 2 * ENTRY_BYTES + a2.size + b1.size + 2 * HOLD_BYTES
+    a3 = feed("a@x.io", True, 30)  # newer than the flight: waits as an entry of its own
+    buf.offer(a3, INTERVAL)
+    flying_a = next(e for e in batch.removals if e.change.key == "a@x.io")
+    buf.complete(batch.adds, applied=True)  # b done
+    assert buf.pending_bytes() == 2 * ENTRY_BYTES + a2.size + a3.size + 2 * HOLD_BYTES
+    buf.requeue([flying_a])  # merges into the waiting a3: its holds move, its change goes
+    assert buf.pending_bytes() == ENTRY_BYTES + a3.size + 3 * HOLD_BYTES
+    released = buf.discard(lambda entry: True)
+    assert len(released) == 4
+    assert buf.pending_bytes() == 0
+    assert buf.drained()
+
+
+def test_pending_bytes_of_late_drops_and_late_offers(feed: Feed) -> None:
+    buf = make()
+    first = feed("a@x.io", True, 10)
+    buf.offer(first, 0.0)
+    batch = buf.take(INTERVAL, force=True)
+    assert batch is not None
+    buf.offer(feed("a@x.io", True, 20), INTERVAL)  # waits behind the flight
+    newer = feed("b@x.io", True, 50)
+    buf.offer(newer, INTERVAL)
+    buf.complete(batch.adds, applied=True)
+    assert buf.offer(feed("a@x.io", True, 5), INTERVAL)[0] is not Offered.LATE  # merges
+    # A change applied meanwhile makes the waiting one late at take: it leaves the count.
+    buf._applied.remember("vip", "a@x.io", 99, True)
+    late_batch = buf.take(2 * INTERVAL, force=True)
+    assert late_batch is not None
+    assert keys(late_batch.late) == ["a@x.io"]
+    assert buf.pending_bytes() == ENTRY_BYTES + newer.size
+    # A late offer is never buffered, so it never counts.
+    assert buf.offer(feed("a@x.io", True, 1), 2 * INTERVAL)[0] is Offered.LATE
+    assert buf.pending_bytes() == ENTRY_BYTES + newer.size
+    buf.complete(late_batch.adds, applied=True)
+    assert buf.pending_bytes() == 0
+
+
+def test_entry_bytes_match_tracemalloc() -> None:
+    """ENTRY_BYTES, HOLD_BYTES, WANTED_BYTES and ORIGIN_BYTES are what tracemalloc measures
+    (CPython 3.11: 417, 104, 228, 104), and an entry's whole estimate (the buffer's part
+    plus `payload_bytes`) is within 10 % of what a desired state really takes in the buffer,
+    built as stage 2 builds it (strings and fields decoded, not shared)."""
+    import gc
+    import tracemalloc
+    from sys import getsizeof
+
+    import orjson
+
+    from consumer.membership.model import Desired, Origin
+    from consumer.rows import ORIGIN_BYTES, WANTED_BYTES, Wanted, payload_bytes
+
+    n = 5000
+
+    def desired(i: int, fields: bytes, origin: bool) -> Desired:
+        list_id = orjson.loads(b'"0123456789abcdef0123456789abcdef"')
+        address = orjson.loads(orjson.dumps(f"member{i}@example.com"))
+        who = Origin(f"cust-{i}", i % 8, 1_000_000 + i) if origin else None
+        return Desired(list_id, address, True, orjson.loads(fields), 1000 + i, who)
+
+    def measure(fields: bytes, *, origin: bool = True, payload: bool = True) -> tuple[float, float]:
+        """(bytes per entry measured, estimated) for n entries offered to a buffer."""
+        buf = DestinationBuffer("d", AppliedMemory(0), flush_interval_s=INTERVAL)
+        made = [desired(i, fields, origin) for i in range(n)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                d = made[i] if not payload else desired(i, fields, origin)
+                change = Change(
+                    d.address,
+                    True,
+                    d.revision,
+                    d.revision,
+                    d.revision,
+                    Wanted(d, 1_764_417_600_000 + i) if payload else None,
+                    position(i % 8, 1_000_000 + i),
+                    payload_bytes(d) if payload else 0,
+                )
+                buf.offer(change, 0.0)
+            gc.collect()
+            measured = (tracemalloc.get_traced_memory()[0] - before) / n
+        finally:
+            tracemalloc.stop()
+        return measured, buf.pending_bytes() / n
+
+    own, _ = measure(b"{}", payload=False)  # the buffer's own objects only
+    # Between 320 and 357 bytes, as the dict and the heap happen to have grown (n from 1,000
+    # to 200,000): the constant is the high end.
+    assert 0.85 * ENTRY_BYTES <= own <= 1.03 * ENTRY_BYTES, own
+    bare, _ = measure(b"{}", origin=False)
+    example = desired(n // 2, b"{}", True)
+    strings = getsizeof(example.address) + getsizeof(example.list_id) + getsizeof({})
+    assert abs(bare - own - strings - WANTED_BYTES) <= 16, bare - own - strings
+    with_origin, _ = measure(b"{}")
+    assert example.origin is not None
+    profile_id = getsizeof(example.origin.profile_id)
+    assert abs(with_origin - bare - profile_id - ORIGIN_BYTES) <= 16, with_origin - bare
+    for fields in (
+        b"{}",
+        b'{"full_name":"Customer 1","city":"London","tier":"gold","interests":["shoes"]}',
+        orjson.dumps({"notes": "n" * 4000, "city": "London"}),
+        orjson.dumps({"notes": "é" * 3000, "name": "名前"}),
+    ):
+        measured, estimated = measure(fields)
+        assert measured * 0.9 <= estimated <= measured * 1.3, (fields[:20], measured, estimated)
+        assert estimated >= measured - 64, "an estimate may err high, barely low"
+
+    # A merged position beyond the first.
+    buf = DestinationBuffer("d", AppliedMemory(0), flush_interval_s=INTERVAL)
+    addresses = [f"member{i}@example.com" for i in range(n)]
+    for i in range(n):
+        buf.offer(Change(addresses[i], True, 10, 10, 1, None, position(0, 2**40 + i)), 0.0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            buf.offer(Change(addresses[i], True, 9, 9, 2, None, position(1, 2**40 + i)), 0.0)
+        gc.collect()
+        merged = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert abs(merged - HOLD_BYTES) <= 8, merged

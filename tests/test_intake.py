@@ -122,3 +122,56 @@ async def test_close_cancels_dead_letters_and_keeps_their_holds(intake: Intake) 
     intake.close()
     await intake.wait_until(lambda: intake.letters_in_flight() == 0)
     assert intake.tracker.committable(0) == 0  # not durable: read again after a restart
+
+
+async def test_letter_bytes_follow_the_letters_back_to_zero(
+    intake: Intake, letters: Letters
+) -> None:
+    from sys import getsizeof
+
+    from consumer.intake import LETTER_BYTES
+
+    for offset in (1, 2):
+        intake.tracker.track(0, offset, 1)
+    big = record(1, b"x" * 60_000)
+    intake.dead_letter(big, 0, "schema", "too big", None)
+    intake.dead_letter(record(2, None), 0, "empty", "empty", None)
+    expected = 2 * LETTER_BYTES + 2 * getsizeof(b"p0") + getsizeof(big.value) + getsizeof(None)
+    assert intake.letter_bytes() == expected
+    letters.acknowledge()
+    await intake.wait_until(lambda: intake.letters_in_flight() == 0)
+    assert intake.letter_bytes() == 0
+    # Cancelled before it ever ran (shutdown): counted out all the same.
+    intake.tracker.track(0, 3, 1)
+    intake.dead_letter(record(3, b"{"), 0, "invalid_json", "not JSON", None)
+    intake.close()
+    for _ in range(3):  # the task's cancellation, then its done callbacks
+        await asyncio.sleep(0)
+    assert intake.letters_in_flight() == 0
+    assert intake.letter_bytes() == 0
+
+
+async def test_letter_bytes_match_tracemalloc(intake: Intake) -> None:
+    """LETTER_BYTES is what a waiting letter takes beside its record's key and value."""
+    import gc
+    import tracemalloc
+
+    from consumer.intake import LETTER_BYTES
+
+    n = 2000
+    records = [record(1_000_000 + i, b"x" * 1000) for i in range(n)]
+    for r in records:
+        intake.tracker.track(0, r.offset, 1)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for r in records:
+            intake.dead_letter(r, 0, "invalid_json", "not JSON", None)
+        await asyncio.sleep(0)  # every letter's task started and waits in the sink
+        gc.collect()
+        measured = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+        intake.close()
+    assert 0.9 * LETTER_BYTES <= measured <= 1.05 * LETTER_BYTES, measured

@@ -609,7 +609,7 @@ def test_an_unknown_variable_far_from_every_name_is_refused_without_a_guess(
 
 
 def test_blank_unknown_variable_is_refused_too(valid_env: dict[str, str]) -> None:
-    valid_env["CMSYNC_MAX_PENDING_BYTE"] = ""
+    valid_env["CMSYNC_MAX_PENDNG"] = ""
     assert "did you mean CMSYNC_MAX_PENDING?" in only_problem(problems_of(valid_env))
 
 
