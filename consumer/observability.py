@@ -164,6 +164,20 @@ dead_letters: Final = Counter(
     ["reason", "destination"],
     registry=REGISTRY,
 )
+dead_letters_shortened: Final = Counter(
+    "cmsync_dead_letters_shortened_total",
+    "Dead letters that could not be sent as they were and went out shortened (the value"
+    " dropped, headers kept), by reason: too_large, invalid, unauthorized, refused.",
+    ["reason"],
+    registry=REGISTRY,
+)
+dead_letters_failed: Final = Counter(
+    "cmsync_dead_letters_failed_total",
+    "Dead letters that could be sent neither as they were nor shortened (e.g. the dead-letter"
+    " topic refuses the service): logged and dropped so that their partition goes on.",
+    ["reason"],
+    registry=REGISTRY,
+)
 freshness: Final = Histogram(
     "cmsync_freshness_seconds",
     "Time from a change's occurred_at to its application in Campaign Monitor.",
@@ -314,6 +328,8 @@ SKIP_REASONS: Final = ("no_destination", "late", "duplicate", "consent")
 #: INVALID_REASONS come before routing (labelled with destination "").
 DESTINATION_DEAD_LETTER_REASONS: Final = ("missing_email", "invalid_email", "cm_rejected")
 DEAD_LETTER_REASONS: Final = (*INVALID_REASONS, *DESTINATION_DEAD_LETTER_REASONS)
+#: Why a dead letter went out shortened or not at all (`consumer.deadletter.never_as_is`).
+DEAD_LETTER_FAILURE_REASONS: Final = ("too_large", "invalid", "unauthorized", "refused")
 #: `dead_letters`' destination label of a record that reached no destination (Prometheus reads
 #: an empty label as an absent one, so `sum by (reason)` queries are unaffected).
 NO_DESTINATION: Final = ""
@@ -339,6 +355,9 @@ def init_labels(
         events_skipped.labels(reason=reason)
     for reason in INVALID_REASONS:
         dead_letters.labels(reason=reason, destination=NO_DESTINATION)
+    for reason in DEAD_LETTER_FAILURE_REASONS:
+        dead_letters_shortened.labels(reason=reason)
+        dead_letters_failed.labels(reason=reason)
     for name in destinations:
         for reason in DESTINATION_DEAD_LETTER_REASONS:
             dead_letters.labels(reason=reason, destination=name)

@@ -50,6 +50,9 @@ REBALANCE_TIMEOUT_MS: Final = 60_000
 #: broker is back).
 DEAD_LETTER_BACKOFF_BASE_S: Final = 0.1
 DEAD_LETTER_BACKOFF_CAP_S: Final = 5.0
+#: The dead-letter producer's max_request_size: a letter carries its record (up to what the
+#: input topic accepts) plus a few headers. A larger one goes out shortened (consumer.deadletter).
+DEAD_LETTER_MAX_REQUEST_BYTES: Final = 2 * 1024 * 1024
 
 # ------------------------------------------------------------------ flushing (consumer.flusher)
 
