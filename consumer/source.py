@@ -153,6 +153,12 @@ class Source:
                 for tp, records in fetch.result().items():
                     if not records:
                         continue
+                    if self._paused:
+                        # A bound was reached by an earlier batch of this fetch: leave this
+                        # one in Kafka (read again on resuming), so a bound is passed by one
+                        # partition's batch at most, not by a whole fetch.
+                        self.consumer.seek(tp, records[0].offset)
+                        continue
                     try:
                         await self._handle(tp.topic, tp.partition, records)
                     except (KafkaError, ReadAgain) as exc:
@@ -168,14 +174,15 @@ class Source:
                     obs.events_consumed.labels(topic=tp.topic, partition=str(tp.partition)).inc(
                         len(records)
                     )
-                self._apply_backpressure()
+                    self._apply_backpressure()
+                self._apply_backpressure()  # also when nothing came: resume
         finally:
             stop.cancel()
 
     def _apply_backpressure(self) -> None:
         """Pause every assigned partition, or resume them, as `Backpressure` decides from
-        what is pending now. Called after each fetch, so a bound is passed by at most what one
-        fetch brings in."""
+        what is pending now. Called after each partition's batch, so a bound is passed by at
+        most one batch (the rest of the fetch stays in Kafka: `fetch_loop`)."""
         pending = self._outstanding()
         pending_bytes = self._outstanding_bytes()
         if not self._paused:

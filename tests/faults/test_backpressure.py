@@ -20,6 +20,7 @@ memory of the session's broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -117,5 +118,94 @@ async def test_tiny_max_pending_bounds_memory(tmp_path: Path) -> None:
                 f"{took:.1f} s; peak RSS {peak / MiB:.0f} MiB "
                 f"(+{(peak - at_start) / MiB:.1f} MiB); intake paused {pauses}×"
             )
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+#: Bytes of pending changes the outage scenario allows (CMSYNC_MAX_PENDING_BYTES).
+OUTAGE_LIMIT = 4 * MiB
+#: What one partition's batch may add past the bound before intake pauses (the source checks
+#: after each batch and leaves the rest of a fetch in Kafka): aiokafka asks for at most 1 MiB
+#: per partition (max_partition_fetch_bytes), and the buffers estimate a desired state of these
+#: profiles at about 1.5 times its claim's encoded size. Measured: 0.5 to 0.8 MiB past it.
+ONE_FETCH = 2 * MiB
+
+
+def large_mapped(n: int) -> list[Produced]:
+    """Profiles of ~4 KB whose bulk is a mapped multi-select: every pending change keeps it."""
+    return [
+        change(
+            f"big{i}@example.com",
+            at_ms=1_764_417_600_000 + i,
+            extra={"interests": [f"{i}-{k}-".ljust(200, "i") for k in range(18)]},
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.slow(30)
+async def test_outage_with_large_records_is_bounded_in_bytes(tmp_path: Path) -> None:
+    """Campaign Monitor is down while records of ~4 KB (their bulk mapped to the list) wait:
+    intake pauses on CMSYNC_MAX_PENDING_BYTES long before CMSYNC_MAX_PENDING, the pending
+    bytes gauge never exceeds the bound plus one partition's batch, and once Campaign Monitor
+    is back everything is applied (nothing lost) and intake resumed."""
+    records = large_mapped(scaled(3_000, 20_000))
+    dest = Dest(
+        "news",
+        "seg-a",
+        custom_fields={"City": "city", "Interests": "interests", "Version": "version"},
+    )
+    config = SimulatorConfig(api_keys=(API_KEY,), seed=7, faults=FaultConfig(outage=True))
+    env = {"CMSYNC_MAX_PENDING_BYTES": str(OUTAGE_LIMIT), "CMSYNC_FLUSH_INTERVAL_S": "0.5"}
+    broker = EmbeddedBroker()
+    await asyncio.to_thread(broker.start)
+    try:
+        async with FaultRig(
+            broker.bootstrap, tmp_path, dests=[dest], sim_config=config, env=env
+        ) as rig:
+            await rig.produce(records)
+            proc = rig.spawn("outage-bytes")
+            rss: list[int] = []
+            sampler = asyncio.create_task(sample_rss(proc, rss))
+            gauge: list[float] = []
+            changes: list[float] = []
+            paused: list[float] = []
+
+            async def watch() -> None:
+                while proc.alive():
+                    with contextlib.suppress(Exception):
+                        metrics = await proc.metrics()
+                        gauge.append(metrics.value("cmsync_pending_bytes"))
+                        changes.append(metrics.value("cmsync_pending_changes"))
+                        paused.append(metrics.value("cmsync_paused_partitions"))
+                    await asyncio.sleep(0.1)
+
+            watcher = asyncio.create_task(watch())
+            # Paused by the bytes bound, and it stays paused while Campaign Monitor is down.
+            await rig.wait_for(
+                lambda: sum(1 for p in paused if p > 0) >= 20, scaled(90, 240), "paused", [proc]
+            )
+            pause = proc.events("intake_paused")[0]
+            rig.sim.set_faults(FaultConfig())
+            await rig.wait_all_committed(scaled(120, 300), [proc])
+            watcher.cancel()
+            proc.terminate()
+            assert await proc.wait(30) == 0, proc.tail()
+            sampler.cancel()
+            peak = max(gauge)
+            note(
+                f"outage, {len(records)} records of ~4 KB mapped: intake paused at "
+                f"{pause['pending']} changes, {pause['pending_bytes'] / MiB:.1f} MiB "
+                f"(bound {OUTAGE_LIMIT / MiB:.0f} MiB, {pause['bound']}); pending bytes "
+                f"gauge peak {peak / MiB:.1f} MiB, {max(changes):.0f} changes; RSS peak "
+                f"{max(rss) / MiB:.0f} MiB; resumed {len(proc.events('intake_resumed'))}×"
+            )
+            assert pause["bound"] == "bytes"
+            assert pause["pending"] < len(records)
+            assert peak <= OUTAGE_LIMIT + ONE_FETCH, f"{peak / MiB:.1f} MiB pending"
+            assert max(paused) >= 1
+            assert proc.events("intake_resumed"), "intake never resumed"
+            assert rig.list_problems() == {}
+            assert len(rig.members("news")) == len(records)
     finally:
         await asyncio.to_thread(broker.stop)
