@@ -13,7 +13,7 @@ its figures to ``bench/results/latest.json`` (git-ignored).
 | `bench.scaleout` | 4. scenario 2 with two service processes sharing one API key |
 | `bench.memory` | 5. alone: peak resident memory of the service during scenario 2 |
 | `bench.freshness` | 6. apply time − occurred_at at a steady 2,000 events/s |
-| `bench.outage` | 7. peak resident memory during a Campaign Monitor outage, against record size (1, 4, 60 KB) |
+| `bench.outage` | 7. peak resident memory during an outage, against record size (1, 4, 60 KB) |
 
 Sizes are settings: every module takes ``--help``; the defaults are the issue's sizes.
 Figures are measured, never asserted: a missed target is reported, not raised.
