@@ -109,6 +109,7 @@ class OutageRun:
     records: int
     produce_s: float
     rss_joined: int | None
+    rss_paused: int | None  # the largest sample up to the moment intake was seen paused
     peak_rss: int | None
     peak_pending_bytes: float
     peak_pending_changes: float
@@ -173,6 +174,8 @@ async def outage_run(
                 await asyncio.sleep(0.5)
             paused = bool(service.events("intake_paused"))
             peak = service.peak_rss()
+            until = paused_at if paused_at is not None else time.monotonic()
+            rss_paused = max((r for t, r in service.rss_samples if t <= until), default=None)
             watched = time.monotonic() - started
         finally:
             await service.stop()
@@ -182,6 +185,7 @@ async def outage_run(
             records=records,
             produce_s=produced.last_ack - produced.started,
             rss_joined=rss_joined,
+            rss_paused=rss_paused,
             peak_rss=peak,
             peak_pending_bytes=peaks[0],
             peak_pending_changes=peaks[1],
@@ -229,7 +233,8 @@ async def scenario(args: argparse.Namespace) -> list[Result]:
                 f"≤ {TARGET_MIB} MiB",
                 at_most(peak, TARGET_MIB),
                 note=(
-                    f"{_mib(run.rss_joined)} MiB once joined; pending peak "
+                    f"{_mib(run.rss_joined)} MiB once joined, {_mib(run.rss_paused)} MiB up to "
+                    f"the pause; pending peak "
                     f"{_mib(run.peak_pending_bytes)} MiB in {run.peak_pending_changes:,.0f} "
                     f"changes; {run.consumed:,.0f} of {run.records:,} records read; "
                     f"{'paused' if run.paused else 'never paused'}; mean value "
