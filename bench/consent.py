@@ -1,4 +1,4 @@
-"""Scenario 7, consent at scale (issue 13): a list with 100,000 Unsubscribed and 20,000 Bounced
+"""Scenario 8, consent at scale (issue 13): a list with 100,000 Unsubscribed and 20,000 Bounced
 members, the service's flusher starting on it at the default ceiling of 10 requests/s.
 
 Measured: the listing requests of the first full read against the pages it needs (target:
@@ -67,7 +67,7 @@ async def run(unsubscribed: int, bounced: int, rate: float, batches: int) -> Res
     started = time.monotonic()
     result = Result(
         "consent",
-        f"7. Consent: {unsubscribed:,} Unsubscribed + {bounced:,} Bounced, {rate:g} requests/s",
+        f"8. Consent: {unsubscribed:,} Unsubscribed + {bounced:,} Bounced, {rate:g} requests/s",
     )
     sim = Simulator(SimulatorConfig(api_keys=(API_KEY,)))
     sim.add_list(LIST_ID, unsubscribe_setting="OnlyThisList")
@@ -193,7 +193,7 @@ async def scenario(args: argparse.Namespace) -> list[Result]:
     return [await run(args.unsubscribed, args.bounced, args.rate, args.batches)]
 
 
-main = main_of("python -m bench.consent", "Scenario 7: consent at scale.", add_arguments, scenario)
+main = main_of("python -m bench.consent", "Scenario 8: consent at scale.", add_arguments, scenario)
 
 if __name__ == "__main__":
     sys.exit(main())
