@@ -15,7 +15,8 @@ rate-limit slot per page request), and there
   their waits included), so an outage cannot multiply one destination's retries;
 * feeds the limiter and the call metrics from the client's observer (every response, errors
   included).
-`RecordRejected` and `RequestInvalid` go back to the caller, whose record it is.
+`RecordRejected`, `RequestInvalid` and `AddressThrottled` (a 429 about one subscriber written
+too often, which does not slow the key) go back to the caller, whose record it is.
 
 One gateway per API key *value* (`gateways_for`): destinations whose variables hold the same
 key share one client and one limiter, so the key's ceiling holds however many variables name
@@ -327,11 +328,19 @@ class ApiGateway:
     # ---------------------------------------------------------------- responses
 
     def _observe(
-        self, endpoint: str, status: int, info: RateLimitInfo | None, seconds: float
+        self,
+        endpoint: str,
+        status: int,
+        info: RateLimitInfo | None,
+        seconds: float,
+        address_throttled: bool,
     ) -> None:
-        """The client's observer (every response): feeds the limiter and the metrics."""
+        """The client's observer (every response): feeds the limiter and the metrics. A 429
+        about one address (`AddressThrottled`) is not the key's: it does not slow the key."""
         now = self._clock()
-        if status == 429:
+        if address_throttled:
+            obs.address_throttled.labels(api_key=self.key_name).inc()
+        elif status == 429:
             # One burst of 429s to requests sent together counts as one decrease.
             self.limiter.on_throttled(now, info, sent_at=now - seconds)
             obs.api_throttled.labels(api_key=self.key_name).inc()

@@ -282,6 +282,20 @@ state_restored_records: Final = Counter(
     "Changelog records read into the local membership state by restores.",
     registry=REGISTRY,
 )
+addresses_held_back: Final = Counter(
+    "cmsync_addresses_held_back",
+    "Changes held back for a while because Campaign Monitor said their address was written"
+    " too often (split out of their import; the rest of it went on).",
+    ["destination"],
+    registry=REGISTRY,
+)
+address_throttled: Final = Counter(
+    "cmsync_address_throttled",
+    "429s about one subscriber written too often (no rate headers): that address is held"
+    " back, the key's rate is not lowered.",
+    ["api_key"],
+    registry=REGISTRY,
+)
 consent_reads: Final = Counter(
     "cmsync_consent_reads",
     "Reads of who opted out (consent): listing is unsubscribed, bounced, suppressed (the"
@@ -365,12 +379,14 @@ def init_labels(
         destination_up.labels(destination=name).set(1)
         changes_coalesced.labels(destination=name)
         consent_unknown.labels(destination=name)
+        addresses_held_back.labels(destination=name)
         flush_duration.labels(destination=name)
         freshness.labels(destination=name)
         for kind in ("add", "remove"):
             applied_changes.labels(destination=name, kind=kind)
     for key in api_keys:
         api_throttled.labels(api_key=key)
+        address_throttled.labels(api_key=key)
 
 
 def forget_partition(topic: str, partition: int) -> None:

@@ -94,6 +94,9 @@ REMOVAL_PRIORITY: Final = 1
 #: One step of priority counts as arriving this much later in the limiter's line (aging): a
 #: removal waits at most this long behind imports that keep arriving.
 PRIORITY_STEP_S: Final = 1.0
+#: An address Campaign Monitor refused for being written too often ("added too many times too
+#: quickly") is tried again after this long; the rest of its import goes on at once.
+ADDRESS_HOLD_S: Final = 10.0
 #: Consent (consumer.consent): a write that could override an opt-out is preceded by a read of
 #: the list's opt-outs at most this old (one read serves every such write of the list in that
 #: time: two or three requests per list per second at most, and only while they flow).

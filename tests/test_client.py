@@ -24,6 +24,7 @@ from aiohttp.typedefs import Middleware
 from aiohttp.web import ContentCoding
 
 from consumer.campaign_monitor.client import (
+    AddressThrottled,
     ApiKey,
     CampaignMonitorClient,
     CampaignMonitorError,
@@ -59,14 +60,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass
 class Observed:
-    """What the client's observer saw: (endpoint, status, rate info, seconds) per response."""
+    """What the client's observer saw: (endpoint, status, rate info, seconds) per response, and
+    which responses were a 429 about one address."""
 
     calls: list[tuple[str, int, RateLimitInfo | None, float]] = field(default_factory=list)
+    address_throttled: list[bool] = field(default_factory=list)
 
     def __call__(
-        self, endpoint: str, status: int, info: RateLimitInfo | None, seconds: float
+        self,
+        endpoint: str,
+        status: int,
+        info: RateLimitInfo | None,
+        seconds: float,
+        address_throttled: bool,
     ) -> None:
         self.calls.append((endpoint, status, info, seconds))
+        self.address_throttled.append(address_throttled)
 
     def statuses(self) -> list[tuple[str, int]]:
         return [(endpoint, status) for endpoint, status, _, _ in self.calls]
@@ -790,17 +799,22 @@ async def test_rate_limited_without_headers_has_no_retry_after() -> None:
     assert observed.statuses() == [("list_details", 200), ("list_details", 429)]
 
 
-async def test_per_address_throttle_is_rate_limited_without_headers() -> None:
+async def test_per_address_throttle_is_told_apart_from_the_keys_rate_limit() -> None:
+    """ "Added too many times too quickly" (no rate headers) is about the address, not the key:
+    `AddressThrottled`, and the observer is told so; a 429 with rate headers stays
+    `RateLimited`."""
     sim = Simulator(
         SimulatorConfig(api_keys=(KEY,), per_address_throttle=AddressThrottle(1, 60.0)),
         clock=lambda: 1000.0,
     )
     list_id = sim.add_list()
-    async with connect(sim) as (client, _):
+    async with connect(sim) as (client, observed):
         await client.add_subscriber(list_id, SubscriberRow(EMAIL), resubscribe=True)
-        with pytest.raises(RateLimited) as caught:
+        with pytest.raises(AddressThrottled) as caught:
             await client.import_subscribers(list_id, [SubscriberRow(EMAIL)], resubscribe=True)
-    assert (caught.value.status, caught.value.retry_after_s) == (429, None)
+    assert not isinstance(caught.value, RateLimited)
+    assert (caught.value.status, caught.value.rate_limit) == (429, None)
+    assert observed.address_throttled == [False, True]
     assert_private(caught.value, EMAIL)
 
 

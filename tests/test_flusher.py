@@ -27,6 +27,7 @@ from consumer.buffer import (
     partition_offset,
 )
 from consumer.campaign_monitor.client import (
+    AddressThrottled,
     ImportFailure,
     ImportResult,
     RecordRejected,
@@ -45,6 +46,7 @@ from tests.simulator_fixtures import FakeClock
 TOPIC = "membership"
 LIST_ID = "0123456789abcdef0123456789abcdef"
 FLUSH_INTERVAL_S = 5.0
+HOLD_S = 0.2  # how long an address written too often is held back (real time)
 DESTINATIONS_TOML = f"""
 [[destination]]
 name = "news"
@@ -83,6 +85,8 @@ class FakeGateway:
         self.removals: list[tuple[RemovalMode, str]] = []
         self.import_failures: dict[str, int] = {}  # address -> Campaign Monitor code
         self.removal_answers: dict[str, int] = {}  # address -> 203 (not in list) or error code
+        self.flapping: set[str] = set()  # addresses answered "added too many times too quickly"
+        self.throttled_imports: list[list[str]] = []
         self._stalled: str | None = None
         self._recovered = asyncio.Event()
         self._recovered.set()
@@ -99,6 +103,9 @@ class FakeGateway:
         self, list_id: str, rows: Sequence[SubscriberRow], *, resubscribe: bool, destination: str
     ) -> ImportResult:
         await self._recovered.wait()
+        if any(row.email in self.flapping for row in rows):
+            self.throttled_imports.append([row.email for row in rows])
+            raise AddressThrottled("too many times", status=429, code=429, endpoint="import")
         self.imports.append((list(rows), resubscribe))
         failures = tuple(
             ImportFailure(row.email, self.import_failures[row.email], "refused")
@@ -111,6 +118,8 @@ class FakeGateway:
         self, list_id: str, address: str, *, how: RemovalMode, destination: str
     ) -> bool:
         await self._recovered.wait()
+        if address in self.flapping:
+            raise AddressThrottled("too many times", status=429, code=429, endpoint=how)
         self.removals.append((how, address))
         code = self.removal_answers.get(address)
         if code == 203:
@@ -188,6 +197,7 @@ class Rig:
             on_applied=self.applied,
             removed_by_sync=lambda entry: entry.change.key in self.removed_by_sync,
             clock=self.clock,
+            address_hold_s=HOLD_S,
         )
         self._offset = 0
         self._changed = asyncio.Event()
@@ -446,6 +456,28 @@ async def test_always_and_never_ask_nothing_before_an_import(
     expected = [] if policy == "always" else [(["gone@example.com"], False)]
     assert rig.consent.asked == expected
     assert rig.consent.warmed == (0 if policy == "always" else 1)
+
+
+async def test_an_address_written_too_often_is_split_out_and_held_back(rig: Rig) -> None:
+    """A per-address 429 does not say which row: the import is halved down to that row, which
+    is held back a while; the other rows are applied at once. Its removal is held back too."""
+    rig.gateway.flapping = {"flap@example.com", "gone@example.com"}
+    positions = {a: rig.offer(a) for a in [f"p{n}@example.com" for n in range(7)]}
+    flap = rig.offer("flap@example.com")
+    gone = rig.offer("gone@example.com", entered=False)
+    rig.due()
+    await rig.until(lambda: set(positions.values()) <= set(rig.released), "the others applied")
+    assert flap not in rig.released
+    assert gone not in rig.released
+    assert sorted(len(rows) for rows in rig.gateway.throttled_imports) == [1, 2, 4, 8]
+    assert sum(len(rows) for rows, _ in rig.gateway.imports) == 7
+    assert metric("cmsync_addresses_held_back_total", destination="news") >= 2
+
+    rig.gateway.flapping = set()  # Campaign Monitor lets the address be written again
+    await rig.until(lambda: flap in rig.released, "the held-back add applied")
+    rig.due()
+    await rig.until(lambda: gone in rig.released, "the held-back removal applied")
+    assert ("delete", "gone@example.com") in rig.gateway.removals
 
 
 async def test_drain_sends_at_once_and_end_drain_restores_the_flush_interval(rig: Rig) -> None:

@@ -17,12 +17,14 @@ from aiohttp.typedefs import Handler
 
 from consumer import observability as obs
 from consumer.campaign_monitor.client import (
+    AddressThrottled,
     ApiKey,
     CampaignMonitorClient,
     RecordRejected,
     SubscriberRow,
 )
 from consumer.devtools.simulator import (
+    AddressThrottle,
     CustomFieldSpec,
     FaultConfig,
     Served,
@@ -471,3 +473,22 @@ async def test_calls_of_two_variables_with_one_key_share_the_slots(
             )
         assert slots(gateways["vip"], clock) == 3
         assert slots(gateways["partner"], clock) == 0
+
+
+async def test_a_429_about_one_address_does_not_slow_the_key() -> None:
+    """ "Added too many times too quickly" goes back to the caller (who holds that address
+    back) instead of being retried, and the key's permitted rate stays where it was."""
+    sim = Simulator(SimulatorConfig(api_keys=(KEY,), per_address_throttle=AddressThrottle(1, 60)))
+    sim.add_list(LIST_ID)
+    async with serve(sim) as base_url, aiohttp.ClientSession() as session:
+        client = CampaignMonitorClient(base_url, ApiKey(KEY), session=session)
+        gateway = ApiGateway("CMSYNC_CM_API_KEY", client, AimdRateLimiter(10))
+        before = metric("cmsync_address_throttled_total", api_key="CMSYNC_CM_API_KEY")
+        row = [SubscriberRow("flap@example.com")]
+        await gateway.import_subscribers(LIST_ID, row, resubscribe=False, destination="news")
+        with pytest.raises(AddressThrottled):
+            await gateway.import_subscribers(LIST_ID, row, resubscribe=False, destination="news")
+        assert gateway.limiter.rate == 10  # a key-wide 429 would have halved it
+        assert requests(sim, "import") == 2  # not retried by the gateway
+        after = metric("cmsync_address_throttled_total", api_key="CMSYNC_CM_API_KEY")
+        assert after - before == 1

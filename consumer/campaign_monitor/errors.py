@@ -16,10 +16,12 @@ from typing import Final
 from consumer.ratelimit import RateLimitInfo
 
 __all__ = [
+    "ADDRESS_THROTTLE_MESSAGE",
     "CODE_IMPORT_PARTIAL",
     "CODE_INVALID_EMAIL",
     "CODE_NOT_IN_LIST",
     "DESCRIPTIONS",
+    "AddressThrottled",
     "CampaignMonitorError",
     "DestinationFatal",
     "RateLimited",
@@ -28,6 +30,7 @@ __all__ = [
     "TransientError",
     "classify",
     "code_of",
+    "is_address_throttle",
     "parse_int",
     "redact",
 ]
@@ -63,6 +66,26 @@ class RateLimited(CampaignMonitorError):  # noqa: N818 - name fixed by the team'
     @property
     def retry_after_s(self) -> float | None:
         return self.rate_limit.reset_s if self.rate_limit else None
+
+
+class AddressThrottled(CampaignMonitorError):  # noqa: N818 - a decision, like RateLimited
+    """A 429 about one subscriber written too often ("added too many times too quickly", no
+    rate headers): slow that address down, not the API key. Not retried by the gateway; the
+    caller, which knows the addresses, holds them back."""
+
+
+#: What Campaign Monitor says when one address, not the key, was written too often.
+ADDRESS_THROTTLE_MESSAGE: Final = "too many times"
+
+
+def is_address_throttle(status: int, rate_limit: RateLimitInfo | None, message: str | None) -> bool:
+    """A 429 without rate headers whose message names the subscriber's repeated writes."""
+    return (
+        status == 429
+        and rate_limit is None
+        and message is not None
+        and ADDRESS_THROTTLE_MESSAGE in message.lower()
+    )
 
 
 class TransientError(CampaignMonitorError):
@@ -145,7 +168,9 @@ def classify(
 ) -> CampaignMonitorError:
     """Map an unsuccessful HTTP response to the error type that carries the decision."""
     cls: type[CampaignMonitorError]
-    if status == 429 or code == 429:
+    if is_address_throttle(status, rate_limit, cm_message):
+        cls = AddressThrottled
+    elif status == 429 or code == 429:
         cls = RateLimited
     elif status >= 500 or status == 408:
         cls = TransientError

@@ -24,7 +24,13 @@ import aiohttp
 import orjson
 
 from consumer import __version__
-from consumer.campaign_monitor.errors import DestinationFatal, TransientError, classify, code_of
+from consumer.campaign_monitor.errors import (
+    DestinationFatal,
+    TransientError,
+    classify,
+    code_of,
+    is_address_throttle,
+)
 from consumer.ratelimit import RateLimitInfo
 from consumer.tuning import CONNECTION_LIMIT
 
@@ -38,8 +44,10 @@ __all__ = [
     "TransportOptions",
 ]
 
-ResponseObserver = Callable[[str, int, RateLimitInfo | None, float], None]
-"""(endpoint, HTTP status or 0 when no response, rate-limit headers, elapsed seconds)."""
+ResponseObserver = Callable[[str, int, RateLimitInfo | None, float, bool], None]
+"""(endpoint, HTTP status or 0 when no response, rate-limit headers, elapsed seconds,
+address_throttled: a 429 about one subscriber written too often (`AddressThrottled`), which
+says nothing about the key's rate)."""
 
 
 class Credentials(ABC):
@@ -175,10 +183,15 @@ class Transport:
         )
 
     def _observe(
-        self, endpoint: str, status: int, info: RateLimitInfo | None, started: float
+        self,
+        endpoint: str,
+        status: int,
+        info: RateLimitInfo | None,
+        started: float,
+        address_throttled: bool = False,
     ) -> None:
         if self.observer is not None:
-            self.observer(endpoint, status, info, time.monotonic() - started)
+            self.observer(endpoint, status, info, time.monotonic() - started, address_throttled)
 
     async def request(
         self,
@@ -233,8 +246,6 @@ class Transport:
                 rate_limit=info,
             ) from None
         self.last_rate_limit = info
-        self._observe(endpoint, status, info, started)
-
         payload: Any = None
         decoded = True
         if raw:
@@ -242,6 +253,10 @@ class Transport:
                 payload = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 decoded = False
+        message = payload.get("Message") if isinstance(payload, dict) else None
+        if not isinstance(message, str):
+            message = None
+        self._observe(endpoint, status, info, started, is_address_throttle(status, info, message))
         if 200 <= status < 300:
             if not decoded:
                 raise TransientError(
@@ -255,12 +270,4 @@ class Transport:
         code = code_of(payload)
         if code is not None and code in accept_codes and 400 <= status < 500:
             return Response(status, code, payload, info)
-        message = payload.get("Message") if isinstance(payload, dict) else None
-        raise classify(
-            endpoint,
-            status,
-            code,
-            message if isinstance(message, str) else None,
-            info,
-            self.secret(),
-        )
+        raise classify(endpoint, status, code, message, info, self.secret())
