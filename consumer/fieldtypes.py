@@ -27,9 +27,10 @@ Rules, stated once:
   declared, each once, in the order given.
 - A scalar offered to a multi-select is compared as its Text form (``1`` matches option ``"1"``).
 
-Keys are compared as Campaign Monitor lists them, brackets removed (`plain_key`), letter case
-included: a mapped ``City`` is missing from a list whose key is ``city`` (to be safe rather
-than guess).
+Keys are compared as Campaign Monitor compares them: brackets removed (`plain_key`) and without
+regard to letter case (`key_of`): a mapped ``city`` is the list's ``[City]``. `field_types` is
+keyed that way; `field_of` finds a mapped key's field, whose `FieldType.key` is the list's own
+spelling (what to send).
 
 An `Unfit` reason names the field's key and type, never the value (it is personal data), so it
 may go into a dead letter's detail and a log line.
@@ -58,7 +59,9 @@ __all__ = [
     "FieldValue",
     "Unfit",
     "coerce",
+    "field_of",
     "field_types",
+    "key_of",
     "missing_keys",
     "plain_key",
 ]
@@ -90,8 +93,8 @@ _MAX_INT_BITS: Final = 900
 
 @dataclass(frozen=True, slots=True)
 class FieldType:
-    """One custom field of a list: its key without brackets, its type, and for a multi-select
-    its options as declared."""
+    """One custom field of a list: its key without brackets as the list spells it, its type,
+    and for a multi-select its options as declared."""
 
     key: str
     data_type: DataType
@@ -114,9 +117,21 @@ def plain_key(key: str) -> str:
     return key
 
 
+def key_of(key: str) -> str:
+    """How a custom field key is compared: without brackets, letter case folded
+    (``[City]``, ``city`` and ``CITY`` are one key, as Campaign Monitor's keys are)."""
+    return plain_key(key).casefold()
+
+
+def field_of(key: str, types: Mapping[str, FieldType]) -> FieldType | None:
+    """The field of `types` (a list's `field_types`) that the mapped `key` names, or None."""
+    return types.get(key_of(key))
+
+
 def field_types(listing: Sequence[Mapping[str, Any]]) -> dict[str, FieldType]:
-    """The fields of a list by key without brackets, from the customfields listing
-    (``[{"FieldName", "Key": "[age]", "DataType", "FieldOptions": [...], ...}]``).
+    """The fields of a list by `key_of` their key, from the customfields listing
+    (``[{"FieldName", "Key": "[age]", "DataType", "FieldOptions": [...], ...}]``); each
+    `FieldType.key` is spelled as the list spells it, brackets removed.
 
     Data types are matched without regard to letter case. Raises `ValueError` (naming the key,
     never a value) on an entry without a string ``Key`` or with a ``DataType`` this module does
@@ -139,16 +154,17 @@ def field_types(listing: Sequence[Mapping[str, Any]]) -> dict[str, FieldType]:
         raw_options = entry.get("FieldOptions") or ()
         options = tuple(o for o in raw_options if isinstance(o, str))
         multi = data_type in ("MultiSelectOne", "MultiSelectMany")
-        fields[key] = FieldType(key, data_type, options if multi else ())
+        fields[key_of(key)] = FieldType(key, data_type, options if multi else ())
     return fields
 
 
 def missing_keys(mapped: Iterable[str], types: Mapping[str, FieldType]) -> list[str]:
-    """The keys of `mapped` (Campaign Monitor keys, with or without brackets) that `types` (a
-    list's `field_types`) lacks, as they were given, in order, each once."""
+    """The keys of `mapped` (Campaign Monitor keys, with or without brackets, in any letter
+    case) that `types` (a list's `field_types`) lacks, as they were given, in order, each
+    once."""
     missing: list[str] = []
     for key in mapped:
-        if plain_key(key) not in types and key not in missing:
+        if field_of(key, types) is None and key not in missing:
             missing.append(key)
     return missing
 

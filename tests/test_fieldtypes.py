@@ -21,7 +21,9 @@ from consumer.fieldtypes import (
     FieldValue,
     Unfit,
     coerce,
+    field_of,
     field_types,
+    key_of,
     missing_keys,
     plain_key,
 )
@@ -61,15 +63,16 @@ def test_field_types_from_the_customfields_listing() -> None:
         {"Key": "[Country]", "DataType": "Country", "FieldOptions": ["Afghanistan"]},
         {"Key": "[State]", "DataType": "usstate"},  # letter case of the type does not matter
     ]
+    # keyed by the key as compared (no brackets, case folded); spelled as the list does
     assert field_types(listing) == {
-        "City": FieldType("City", "Text"),
+        "city": FieldType("City", "Text"),
         "age": FieldType("age", "Number"),
-        "Birthday": FieldType("Birthday", "Date"),
-        "Tier": FieldType("Tier", "MultiSelectOne", ("Gold", "Silver")),
-        "Topics": FieldType("Topics", "MultiSelectMany", ("News",)),
+        "birthday": FieldType("Birthday", "Date"),
+        "tier": FieldType("Tier", "MultiSelectOne", ("Gold", "Silver")),
+        "topics": FieldType("Topics", "MultiSelectMany", ("News",)),
         # options of a type that is no multi-select are not kept
-        "Country": FieldType("Country", "Country"),
-        "State": FieldType("State", "USState"),
+        "country": FieldType("Country", "Country"),
+        "state": FieldType("State", "USState"),
     }
 
 
@@ -95,10 +98,26 @@ def test_missing_keys() -> None:
     types = field_types(
         [{"Key": "[City]", "DataType": "Text"}, {"Key": "[age]", "DataType": "Number"}]
     )
-    mapped = ["[City]", "age", "Tier", "[Shoe]", "Tier", "city"]
-    # given as mapped, in order, each once; letter case counts (safer than guessing)
-    assert missing_keys(mapped, types) == ["Tier", "[Shoe]", "city"]
+    mapped = ["[City]", "age", "Tier", "[Shoe]", "Tier", "city", "[AGE]"]
+    # given as mapped, in order, each once; letter case does not count (nor in Campaign
+    # Monitor: a mapped "city" writes the list's "[City]")
+    assert missing_keys(mapped, types) == ["Tier", "[Shoe]"]
     assert missing_keys([], types) == []
+
+
+def test_a_mapped_key_finds_its_field_whatever_its_letter_case() -> None:
+    types = field_types([{"Key": "[FavouriteColour]", "DataType": "Text"}])
+    for mapped in (
+        "FavouriteColour",
+        "favouritecolour",
+        "[FAVOURITECOLOUR]",
+        " [favouriteColour] ",
+    ):
+        found = field_of(mapped, types)
+        assert found is not None
+        assert found.key == "FavouriteColour"  # what to send: the list's own spelling
+    assert key_of("[FavouriteColour]") == "favouritecolour"
+    assert field_of("Favourite", types) is None
 
 
 # --- None clears ----------------------------------------------------------------------------
