@@ -605,7 +605,8 @@ class Recorder:
 async def simulator(
     rate_limit_rps: float | None, lists: int, *, per_address: bool = False
 ) -> AsyncIterator[tuple[Recorder, str, list[str]]]:
-    """A simulator over HTTP, recorded, with `lists` OnlyThisList lists of our API key.
+    """A simulator over HTTP, recorded, with `lists` OnlyThisList lists of our API key, each
+    with the fields of `DEMO_FIELDS` (what `destinations_toml` maps).
 
     ``CMSYNC_BENCH_RATE_HEADERS=0`` turns its X-RateLimit-* headers off (a diagnostic: how much
     of a delivery scenario's time the service's reading of those headers costs).
@@ -620,7 +621,7 @@ async def simulator(
     )
     recorder = Recorder(sim, per_address=per_address)
     list_ids = [
-        sim.add_list(title=f"bench-{n}", unsubscribe_setting="OnlyThisList", api_key=API_KEY)
+        rig.create_list(sim, Dest(f"bench-{n}", "", custom_fields=DEMO_FIELDS), api_key=API_KEY)
         for n in range(lists)
     ]
     async with serve(sim) as base_url:

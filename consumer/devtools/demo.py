@@ -50,6 +50,7 @@ from consumer.devtools.rig import (
     InProcessService,
     Progress,
     compare,
+    create_list,
     destinations_toml,
     produce,
 )
@@ -164,12 +165,7 @@ async def _read_list(client: CampaignMonitorClient, list_id: str) -> dict[str, d
 @contextlib.asynccontextmanager
 async def _simulator(rate_rps: float) -> AsyncIterator[tuple[str, dict[str, str]]]:
     sim = Simulator(SimulatorConfig(api_keys=(DEMO_KEY,), rate_limit_rps=rate_rps, seed=1))
-    list_ids = {
-        d.name: sim.add_list(
-            title=d.name, unsubscribe_setting=d.unsubscribe_setting, api_key=DEMO_KEY
-        )
-        for d in DESTINATIONS
-    }
+    list_ids = {d.name: create_list(sim, d, api_key=DEMO_KEY) for d in DESTINATIONS}
     async with serve(sim) as base_url:
         yield base_url, list_ids
 

@@ -45,8 +45,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Service
 from consumer.devtools.embedded_broker import create_topics, free_port
-from consumer.devtools.simulator import Simulator, SimulatorConfig, serve
-from consumer.devtools.synthetic import Expected, SegmentSpec
+from consumer.devtools.simulator import CustomFieldSpec, Simulator, SimulatorConfig, serve
+from consumer.devtools.synthetic import INTERESTS, TIERS, Expected, SegmentSpec
 from consumer.settings import Settings, load_settings
 
 __all__ = [
@@ -60,8 +60,10 @@ __all__ = [
     "ServiceProcess",
     "SyncRig",
     "compare",
+    "create_list",
     "destinations_toml",
     "expected_values",
+    "field_spec",
     "field_values",
     "free_port",
     "headers_of",
@@ -81,7 +83,13 @@ UnsubscribeSetting = Literal["AllClientLists", "OnlyThisList"]
 @dataclass
 class Dest:
     """One destination of a sync under test: its `[[destination]]` table (`toml`) and how the
-    simulator creates its list (`unsubscribe_setting`; `list_id` None: a new list)."""
+    simulator creates its list (`create_list`: `unsubscribe_setting`, `confirmed_opt_in`,
+    `fields`; `list_id` None: a new list).
+
+    `fields` None: the list stores any key (as the simulator did before it modelled fields)
+    and has a field of each mapped key (`field_spec`), so the service's check of the list's
+    fields passes; given: the list is made with exactly these fields declared, and ignores
+    other keys and values a field cannot hold, as Campaign Monitor is reported to."""
 
     name: str
     segment_id: str
@@ -93,6 +101,9 @@ class Dest:
     list_id: str | None = None
     consent_to_track: str = "Yes"
     more_segments: tuple[str, ...] = ()  # a list fed by several segments (segment_ids)
+    fields: tuple[CustomFieldSpec, ...] | None = None
+    confirmed_opt_in: bool = False
+    unsubscribe_all_client_lists: bool = False
 
     def toml(self, list_id: str) -> str:
         """The destination's `[[destination]]` table, writing to `list_id`."""
@@ -112,9 +123,39 @@ name_field = "full_name"
 removal = "{self.removal}"
 resubscribe = "{self.resubscribe}"
 consent_to_track = "{self.consent_to_track}"
+unsubscribe_all_client_lists = {"true" if self.unsubscribe_all_client_lists else "false"}
 
 [destination.custom_fields]
 {fields}"""
+
+
+#: The fields the simulator's lists get for the standard workload's multi-select keys
+#: (`field_spec`); any other key is a Text field.
+_MULTI_SELECTS: Final[Mapping[str, CustomFieldSpec]] = {
+    "Tier": CustomFieldSpec("Tier", "MultiSelectOne", TIERS),
+    "Interests": CustomFieldSpec("Interests", "MultiSelectMany", INTERESTS),
+}
+
+
+def field_spec(key: str) -> CustomFieldSpec:
+    """The field a list made by `create_list` gets for a mapped key: the standard workload's
+    multi-selects (Tier, Interests) with the synthetic stream's options, else Text."""
+    return _MULTI_SELECTS.get(key, CustomFieldSpec(key))
+
+
+def create_list(sim: Simulator, dest: Dest, *, api_key: str | None = None) -> str:
+    """Make `dest`'s list in `sim` (see `Dest`); returns its ListID."""
+    list_id = sim.add_list(
+        title=dest.name,
+        unsubscribe_setting=dest.unsubscribe_setting,
+        api_key=api_key,
+        confirmed_opt_in=dest.confirmed_opt_in,
+        custom_fields=dest.fields,
+    )
+    if dest.fields is None:
+        for key in dest.custom_fields:
+            sim.add_custom_field(list_id, field_spec(key))
+    return list_id
 
 
 def destinations_toml(dests: Iterable[Dest], list_ids: Mapping[str, str]) -> str:
@@ -685,8 +726,8 @@ class SyncRig:
     async def __aenter__(self) -> SyncRig:
         self.base_url = await self._stack.enter_async_context(serve(self.sim))
         for dest in self.dests:
-            self.list_ids[dest.name] = dest.list_id or self.sim.add_list(
-                title=dest.name, unsubscribe_setting=dest.unsubscribe_setting, api_key=self.api_key
+            self.list_ids[dest.name] = dest.list_id or create_list(
+                self.sim, dest, api_key=self.api_key
             )
         await create_topics(self.bootstrap, {self.topic: self.partitions, self.dlq_topic: 1})
         return self

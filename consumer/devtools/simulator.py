@@ -415,6 +415,15 @@ class Simulator:
         """The client ID of `api_key` (default: the first API key)."""
         return self.state.client(api_key or self._default_owner).client_id
 
+    def add_custom_field(self, list_id: str, spec: CustomFieldSpec) -> str:
+        """Create a field on an existing list, as `POST /lists/{id}/customfields.json` does
+        (a list made without declared fields still accepts any key); returns ``[key]``.
+        Raises ValueError on a bad spec or a key the list has."""
+        try:
+            return self._list(list_id).add_field(spec.definition())
+        except ApiError as exc:
+            raise ValueError(f"custom field {spec.name!r}: {exc.message}") from None
+
     def custom_fields(self, list_id: str) -> list[dict[str, Any]]:
         """The list's custom fields, as `GET /lists/{id}/customfields.json` answers."""
         return self._list(list_id).custom_fields()
