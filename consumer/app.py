@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import shutil
 import signal
@@ -51,6 +52,7 @@ from consumer.deadletter import DeadLetterQueue
 from consumer.flusher import REMOVAL_BATCH_SIZE, DestinationFlusher
 from consumer.gateway import gateways_for
 from consumer.intake import Intake
+from consumer.listsettings import read_list_check
 from consumer.membership.changelog import (
     InputTopicMissingError,
     InternalTopics,
@@ -186,6 +188,7 @@ class Service:
                 original=state.original,
                 before_send=state.mark_sending,
                 removed_by_sync=state.removed_by_sync,
+                list_settings=functools.partial(read_list_check, gateway, dest),
             )
             self._flushers.append(flusher)
             self._buffers.append(buffer)

@@ -28,6 +28,10 @@ Rules, stated once:
   the destinations of a connection without ``personal_data = "acknowledged"`` are valid but
   send nothing (`Destination.sends`). A destination without a connection was configured before
   the acknowledgement existed and counts as acknowledged; it has no client ID.
+- ``removal = "unsubscribe"`` on a list whose ``UnsubscribeSetting`` is ``AllClientLists``
+  unsubscribes the person from every list of the client; the sync holds such a destination
+  (`consumer.listsettings`) unless it says ``unsubscribe_all_client_lists = true`` (a boolean,
+  false by default; it changes nothing with ``removal = "delete"``).
 - Messages never contain an API key.
 
 Pure apart from reading the destinations file and the secret files it is told about.
@@ -79,6 +83,8 @@ class Destination:
     resubscribe: Resubscribe
     consent_to_track: ConsentToTrack
     custom_fields: tuple[tuple[str, str], ...]  # (Campaign Monitor key, profile field), file order
+    # removal = "unsubscribe" accepted on an AllClientLists list (consumer.listsettings)
+    unsubscribe_all_client_lists: bool = False
 
     @property
     def sends(self) -> bool:
@@ -131,6 +137,7 @@ DESTINATION_KEYS: Final = (
     "removal",
     "resubscribe",
     "consent_to_track",
+    "unsubscribe_all_client_lists",
     "custom_fields",
 )
 REQUIRED_DESTINATION_KEYS: Final = ("name", "list_id", "email_field")
@@ -463,6 +470,12 @@ def _parse_destination(
     removal = choice("removal", _REMOVALS, "delete")
     resubscribe = choice("resubscribe", _RESUBSCRIBES, "deleted-only")
     consent = choice("consent_to_track", _CONSENTS, "Unchanged")
+    all_client_lists = table.get("unsubscribe_all_client_lists", False)
+    if not isinstance(all_client_lists, bool):
+        problems.append(
+            f'{label}: "unsubscribe_all_client_lists" must be a boolean (true or false), not '
+            f"{_toml_type(all_client_lists)}"
+        )
 
     api_key: Secret | None = None
     connection: _Connection | None = None
@@ -514,6 +527,7 @@ def _parse_destination(
         resubscribe=resubscribe,
         consent_to_track=consent,
         custom_fields=custom_fields,
+        unsubscribe_all_client_lists=all_client_lists is True,
     )
 
 

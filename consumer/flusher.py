@@ -15,6 +15,12 @@ Ordering of one batch, written down because it is the "nothing lost" guarantee:
      committer move the partition's committed offset past them.
 A crash anywhere before 4 leaves the offsets uncommitted, so the changes are read again.
 
+Before its first batch, `run` reads the list's settings once (``list_settings``,
+`consumer.listsettings`): a destination whose list it must not write to is held (it sends
+nothing until the process restarts, `stalled_reason` says why), and the import rows' custom
+field values are coerced to the list's field types; a value that cannot be is dead-lettered
+(``field_type``) instead of being sent.
+
 The service calls `run` (as a task), `wake` (new changes are ready), `drain` / `end_drain`
 (send everything now, e.g. on revocation and shutdown / back to the flush policy),
 `drained` and `stalled_reason` (health). Everything else is the flusher's own.
@@ -25,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Final, Protocol
 
 import structlog
@@ -41,7 +47,9 @@ from consumer.campaign_monitor.client import (
 )
 from consumer.consent import FRESH_S, ConsentUnknownError, OptOuts
 from consumer.deadletter import DeadLetter
+from consumer.fieldtypes import FieldType, Unfit
 from consumer.gateway import RemovalMode
+from consumer.listsettings import ListCheck
 from consumer.membership.model import Applied
 from consumer.membership.normalise import normalise_address
 from consumer.rows import event_time_ms, row_of, view_of
@@ -124,7 +132,8 @@ class DestinationFlusher:
     taken again after a pause. ``removed_by_sync(entry)`` (asked after ``before_send``) tells
     whether the sync's own write took the entry's address out of the list (the membership
     state keeps it durably): under ``resubscribe = "deleted-only"`` exactly those come back
-    with ``Resubscribe: true``. ``clock`` (monotonic) drives
+    with ``Resubscribe: true``. ``list_settings()`` reads and judges the list's settings
+    when `run` starts (None: nothing is read, values go as they are). ``clock`` (monotonic) drives
     the flush policy; ``wall_clock`` measures freshness against the events' ``occurred_at``.
     Both are injectable for tests.
     """
@@ -143,6 +152,7 @@ class DestinationFlusher:
         original: Callable[[Entry], Awaitable[Original]] | None = None,
         before_send: Callable[[Sequence[Entry]], Awaitable[Sequence[Entry] | None]] | None = None,
         removed_by_sync: Callable[[Entry], bool] | None = None,
+        list_settings: Callable[[], Awaitable[ListCheck]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         address_hold_s: float = ADDRESS_HOLD_S,
@@ -159,6 +169,9 @@ class DestinationFlusher:
         self._original = original or self._record_original
         self._before_send = before_send
         self._removed_by_sync = removed_by_sync
+        self._list_settings = list_settings
+        self._held: str | None = None  # why the list's settings forbid writing to it
+        self._types: Mapping[str, FieldType] | None = None
         self._clock = clock
         self._wall_clock = wall_clock
         self._wakeup = asyncio.Event()
@@ -173,8 +186,9 @@ class DestinationFlusher:
 
     @property
     def stalled_reason(self) -> str | None:
-        """Why Campaign Monitor refuses this destination right now, or None (readiness)."""
-        return self._gateway.stalled_reason(self._destination.name)
+        """Why this destination sends nothing right now (its list's settings hold it, or
+        Campaign Monitor refuses it), or None (health, metrics, the drains)."""
+        return self._held or self._gateway.stalled_reason(self._destination.name)
 
     def wake(self) -> None:
         """New changes may be ready (e.g. an import filled up): look at the buffer now."""
@@ -206,6 +220,8 @@ class DestinationFlusher:
         obs.pending_changes.labels(destination=name).set_function(
             lambda: buffer.pending() + buffer.in_flight()
         )
+        if self._list_settings is not None and not await self._check_list():
+            await asyncio.Future()  # held: nothing is sent until the process restarts
         going = [0, 0]  # in flight: [removal batches, imports]
 
         def finished(kind: int) -> Callable[[asyncio.Task[None]], None]:
@@ -262,6 +278,30 @@ class DestinationFlusher:
                     going[0] += 1
                     task = tasks.create_task(self._flush(Batch([], batch.removals)))
                     task.add_done_callback(finished(0))
+
+    async def _check_list(self) -> bool:
+        """Read and judge the list's settings (once, before the first write): log the warnings,
+        keep the field types; False (logged once, `cmsync_destination_up` 0) when the
+        destination is held."""
+        assert self._list_settings is not None
+        name = self._destination.name
+        check = await self._list_settings()
+        for warning in check.warnings:
+            log.warning("list_settings_warning", destination=name, warning=warning)
+        self._types = check.types
+        held = check.held_reason
+        if held is None:
+            return True
+        self._held = held
+        obs.destination_up.labels(destination=name).set(0)
+        log.error(
+            "destination_held",
+            destination=name,
+            reason=held,
+            hint="change the list or the destinations file, then restart; the list's changes "
+            "stay owed in the membership state meanwhile",
+        )
+        return False
 
     # ---------------------------------------------------------------- one batch
 
@@ -362,7 +402,8 @@ class DestinationFlusher:
             return None
 
     async def _import(self, entries: list[Entry], *, resubscribe: bool) -> tuple[int, int]:
-        """One import call; returns (applied, dead-lettered).
+        """One import call; returns (applied, dead-lettered). An entry with a value its field
+        cannot hold is dead-lettered (``field_type``) instead of being sent.
 
         A 429 about one address written too often (`AddressThrottled`) does not say which
         row it was: the import is split in halves and each sent on its own, down to the row,
@@ -371,27 +412,37 @@ class DestinationFlusher:
         dest = self._destination
         rows: list[SubscriberRow] = []
         by_email: dict[str, Entry] = {}
+        unfit: dict[str, list[Entry]] = {}  # reason -> entries
         for entry in entries:
-            row = row_of(dest, entry)
+            row = row_of(dest, entry, self._types)
+            if isinstance(row, Unfit):
+                unfit.setdefault(row.reason, []).append(entry)
+                continue
             rows.append(row)
             by_email[row.email] = entry
+        for reason, bad in unfit.items():
+            await self._dead_letter(bad, "field_type", reason, None)
+        dead = sum(map(len, unfit.values()))
+        if not rows:
+            return 0, dead
         try:
             result = await self._gateway.import_subscribers(
                 dest.list_id, rows, resubscribe=resubscribe, destination=dest.name
             )
         except AddressThrottled:
-            if len(entries) == 1:
-                self._hold_back(entries)
-                return 0, 0
-            half = len(entries) // 2
-            first = await self._import(entries[:half], resubscribe=resubscribe)
-            second = await self._import(entries[half:], resubscribe=resubscribe)
-            return first[0] + second[0], first[1] + second[1]
+            fit = list(by_email.values())  # the unfit ones are dead-lettered already
+            if len(fit) == 1:
+                self._hold_back(fit)
+                return 0, dead
+            half = len(fit) // 2
+            first = await self._import(fit[:half], resubscribe=resubscribe)
+            second = await self._import(fit[half:], resubscribe=resubscribe)
+            return first[0] + second[0], dead + first[1] + second[1]
         except (RecordRejected, RequestInvalid) as exc:
             # The whole import was refused for a reason retrying cannot fix: keep the records.
             bad = list(by_email.values())
             await self._dead_letter(bad, "cm_rejected", "import refused", exc.code)
-            return 0, len(bad)
+            return 0, dead + len(bad)
         failed: dict[int, list[Entry]] = {}
         for failure in result.failures:
             rejected_entry = by_email.pop(normalise_address(failure.email), None)
@@ -404,7 +455,7 @@ class DestinationFlusher:
             self._consent.reactivated(entry.change.key for entry in applied)
         self._complete(applied, applied=True, outcome=Applied.ACTIVE)
         obs.applied_changes.labels(destination=dest.name, kind="add").inc(len(applied))
-        return len(applied), sum(map(len, failed.values()))
+        return len(applied), dead + sum(map(len, failed.values()))
 
     async def _send_removals(self, entries: list[Entry]) -> tuple[int, int]:
         """Remove the addresses, all calls at once (the gateway lets a few run, the limiter

@@ -340,7 +340,12 @@ INVALID_REASONS: Final = ("invalid_json", "schema", "too_large", "invalid_encodi
 SKIP_REASONS: Final = ("no_destination", "late", "duplicate", "consent")
 #: Dead-letter reasons of a record that reached a destination (labelled with its name); the
 #: INVALID_REASONS come before routing (labelled with destination "").
-DESTINATION_DEAD_LETTER_REASONS: Final = ("missing_email", "invalid_email", "cm_rejected")
+DESTINATION_DEAD_LETTER_REASONS: Final = (
+    "missing_email",
+    "invalid_email",
+    "cm_rejected",
+    "field_type",
+)
 DEAD_LETTER_REASONS: Final = (*INVALID_REASONS, *DESTINATION_DEAD_LETTER_REASONS)
 #: Why a dead letter went out shortened or not at all (`consumer.deadletter.never_as_is`).
 DEAD_LETTER_FAILURE_REASONS: Final = ("too_large", "invalid", "unauthorized", "refused")

@@ -1,7 +1,8 @@
 """What a buffered change carries (`Wanted`: a desired state of the membership state), what it
 takes in memory (`payload_bytes`, for CMSYNC_MAX_PENDING_BYTES), and what the flusher makes of
-it: the import row (`row_of`), the event time (`event_time_ms`, for freshness) and, when
-Campaign Monitor refuses it, the state's view of it (`view_of`).
+it: the import row (`row_of`, its values coerced to the list's field types when they are
+known, or `Unfit`), the event time (`event_time_ms`, for freshness) and, when Campaign Monitor
+refuses it, the state's view of it (`view_of`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import orjson
 from consumer.buffer import Entry
 from consumer.campaign_monitor.client import CustomField, SubscriberRow
 from consumer.events import ProfileValue
+from consumer.fieldtypes import FieldType, Unfit, coerce, field_of
 from consumer.membership.model import Desired
 from consumer.settings import Destination
 
@@ -84,9 +86,11 @@ def event_time_ms(entry: Entry) -> int:
     return wanted(entry).occurred_at_ms
 
 
-def row_of(destination: Destination, entry: Entry) -> SubscriberRow:
-    """The import row of a buffered add."""
-    return build_row(destination, entry.change.key, wanted(entry).desired.fields)
+def row_of(
+    destination: Destination, entry: Entry, types: Mapping[str, FieldType] | None = None
+) -> SubscriberRow | Unfit:
+    """The import row of a buffered add (`build_row`)."""
+    return build_row(destination, entry.change.key, wanted(entry).desired.fields, types)
 
 
 def view_of(entry: Entry, topic: str) -> tuple[bytes | None, bytes, str]:
@@ -107,12 +111,21 @@ def view_of(entry: Entry, topic: str) -> tuple[bytes | None, bytes, str]:
 
 
 def build_row(
-    destination: Destination, address: str, profile: Mapping[str, ProfileValue]
-) -> SubscriberRow:
+    destination: Destination,
+    address: str,
+    profile: Mapping[str, ProfileValue],
+    types: Mapping[str, FieldType] | None = None,
+) -> SubscriberRow | Unfit:
     """Map a profile to an import row: name and custom fields per the destination's mapping.
 
     A profile field that is absent leaves the Campaign Monitor field as it is; `null` (or an
     empty multi-select) clears it; an array of strings is a multi-select (the key repeats).
+
+    With `types` (the list's fields, `consumer.fieldtypes.field_types`) every value is coerced
+    to its field's type and sent under the key as the list spells it; the first value that
+    does not fit makes the row `Unfit` (its reason names the key and type, not the value). A
+    key `types` lacks (the destination is held before that could happen) is sent untyped.
+    Without `types` values go as they are, in their text form.
     """
     name_value = profile.get(destination.name_field) if destination.name_field else None
     fields: list[CustomField] = []
@@ -120,7 +133,19 @@ def build_row(
         if profile_field not in profile:
             continue
         value = profile[profile_field]
-        if value is None or value == []:
+        field_type = None if types is None else field_of(cm_key, types)
+        if field_type is not None:
+            coerced = coerce(value, field_type)
+            if isinstance(coerced, Unfit):
+                return coerced
+            key = field_type.key
+            if coerced == "":
+                fields.append(CustomField(key, "", clear=True))
+            elif isinstance(coerced, list):
+                fields.extend(CustomField(key, option) for option in coerced)
+            else:
+                fields.append(CustomField(key, coerced))
+        elif value is None or value == []:
             fields.append(CustomField(cm_key, "", clear=True))
         elif isinstance(value, list):
             fields.extend(CustomField(cm_key, str(item)) for item in value)

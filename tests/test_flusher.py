@@ -36,8 +36,10 @@ from consumer.campaign_monitor.client import (
 from consumer.consent import ConsentUnknownError, OptOuts
 from consumer.deadletter import DeadLetter
 from consumer.destinations import Resubscribe
+from consumer.fieldtypes import field_types
 from consumer.flusher import DestinationFlusher
 from consumer.gateway import RemovalMode
+from consumer.listsettings import ListCheck
 from consumer.membership.model import Applied, Desired, Origin
 from consumer.rows import Wanted
 from consumer.settings import Destination, load_settings
@@ -516,3 +518,98 @@ async def test_a_stalled_destination_is_reported_and_holds_its_positions(rig: Ri
     await rig.until(lambda: rig.released == [position], "released after recovery")
     assert stalled(rig) is None
     assert rig.flusher.drained()
+
+
+# ---------------------------------------------------------------- the list's settings
+
+
+async def test_a_destination_held_by_its_lists_settings_sends_nothing(
+    destination: Destination,
+) -> None:
+    """Read once before the first write: a held destination takes no batch, says why, and
+    drops cmsync_destination_up to 0; the changes stay buffered (owed)."""
+    rig = Rig(destination)
+    reads = 0
+
+    async def held() -> ListCheck:
+        nonlocal reads
+        reads += 1
+        return ListCheck(problems=('list has no custom field "City"', "and another reason"))
+
+    rig.flusher = DestinationFlusher(
+        destination=destination,
+        buffer=rig.buffer,
+        gateway=rig.gateway,
+        consent=rig.consent,
+        dead_letters=rig.sink,
+        release=rig.release,
+        source_topic=TOPIC,
+        list_settings=held,
+        clock=rig.clock,
+    )
+    task = asyncio.create_task(rig.flusher.run())
+    try:
+        rig.offer("ada@example.com")
+        rig.offer("gone@example.com", entered=False)
+        rig.due()
+        await rig.until(lambda: stalled(rig) is not None, "held")
+        rig.flusher.drain()
+        await asyncio.sleep(0.1)  # room for a (wrong) flush
+        assert stalled(rig) == 'list has no custom field "City"; and another reason'
+        assert metric("cmsync_destination_up", destination="news") == 0
+        assert rig.gateway.imports == []
+        assert rig.gateway.removals == []
+        assert rig.consent.warmed == 0  # not even a read for a held destination
+        assert rig.released == []
+        assert reads == 1
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_values_are_coerced_and_an_unfit_one_is_dead_lettered(
+    destination: Destination,
+) -> None:
+    types = field_types(
+        [
+            {"Key": "[city]", "DataType": "Text"},  # mapped as "City": the list's spelling goes
+            {"Key": "[Age]", "DataType": "Number"},
+        ]
+    )
+    dest = dataclasses.replace(destination, custom_fields=(("City", "city"), ("Age", "age")))
+    rig = Rig(dest)
+
+    async def typed() -> ListCheck:
+        return ListCheck(types=types)
+
+    rig.flusher = DestinationFlusher(
+        destination=dest,
+        buffer=rig.buffer,
+        gateway=rig.gateway,
+        consent=rig.consent,
+        dead_letters=rig.sink,
+        release=rig.release,
+        source_topic=TOPIC,
+        on_applied=rig.applied,
+        list_settings=typed,
+        clock=rig.clock,
+    )
+    task = asyncio.create_task(rig.flusher.run())
+    try:
+        rig.offer("ada@example.com", city="London", age=" 1e2 ")
+        unfit = rig.offer("bob@example.com", city="Paris", age="forty-two")
+        rig.due()
+        await rig.until(lambda: len(rig.released) == 2, "both released")
+    finally:
+        task.cancel()
+    [(rows, _)] = rig.gateway.imports
+    [row] = rows
+    assert row.email == "ada@example.com"
+    assert [(f.key, f.value) for f in row.custom_fields] == [("city", "London"), ("Age", "100")]
+    [letter] = rig.sink.letters
+    assert (letter.error, letter.cm_code, letter.destination) == ("field_type", None, "news")
+    assert letter.detail.startswith('Number field "Age" takes a finite decimal number')
+    assert "forty" not in letter.detail  # the reason names the key and type, never the value
+    assert letter.source == f"{TOPIC}/0/{partition_offset(unfit)[1]}"
+    assert rig.outcomes == {"ada@example.com": Applied.ACTIVE, "bob@example.com": Applied.REJECTED}

@@ -407,6 +407,26 @@ email_field = "email"
 """
 
 
+def test_unsubscribe_all_client_lists_is_a_boolean_false_by_default(tmp_path: Path) -> None:
+    def destination(extra: str) -> Destination:
+        (dest,) = load_settings(base_env(write(tmp_path, D + extra))).destinations
+        return dest
+
+    assert destination("").unsubscribe_all_client_lists is False
+    accepted = destination('removal = "unsubscribe"\nunsubscribe_all_client_lists = true\n')
+    assert accepted.unsubscribe_all_client_lists is True
+    assert (
+        destination("unsubscribe_all_client_lists = false\n").unsubscribe_all_client_lists is False
+    )
+    problem = only_problem(
+        destination_problems(tmp_path, D + 'unsubscribe_all_client_lists = "yes"\n')
+    )
+    assert problem == (
+        'destination #1 "vip": "unsubscribe_all_client_lists" must be a boolean (true or '
+        "false), not a string"
+    )
+
+
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
