@@ -1,6 +1,11 @@
 """`cmsync check-config`: load and validate the configuration, print it resolved, secrets masked.
 
 Exit 0 when valid; exit 2 listing every problem (`ConfigError`) otherwise, or on a usage error.
+``--online`` also asks Campaign Monitor about every destination that sends (`online_checks`:
+one request for the list details and one for its custom fields, judged by
+`consumer.listsettings.check_list` as `cmsync run` judges them at start) and prints the
+verdict per destination: exit 2 when one would be held or Campaign Monitor refuses its key or
+list, 1 when one could not be checked (no answer), else 0.
 A valid configuration can still hold destinations that send nothing (their connection lacks
 the personal data acknowledgement): `warnings` says so, one line each, on stderr, exit 0.
 ``--env-file`` adds ``NAME=VALUE`` lines under the environment (the environment wins), so that a
@@ -11,14 +16,28 @@ configuration as plain data; it never holds a secret's value.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from operator import attrgetter
+from typing import Final, Literal
 
+import aiohttp
 import orjson
 
+from consumer.campaign_monitor.client import (
+    ApiKey,
+    CampaignMonitorClient,
+    DestinationFatal,
+    RateLimited,
+    RecordRejected,
+    RequestInvalid,
+    TransientError,
+)
+from consumer.campaign_monitor.errors import DESCRIPTIONS
 from consumer.destinations import (
     CONNECTION_KEYS,
     DESTINATION_KEYS,
@@ -27,10 +46,21 @@ from consumer.destinations import (
     REQUIRED_CONNECTION_KEYS,
     REQUIRED_DESTINATION_KEYS,
 )
-from consumer.settings import RESERVED, VARIABLES, ConfigError, Settings, load_settings
+from consumer.fieldtypes import plain_key
+from consumer.listsettings import check_list, refused
+from consumer.settings import (
+    RESERVED,
+    VARIABLES,
+    ConfigError,
+    Destination,
+    Settings,
+    load_settings,
+)
 from consumer.variables import FILE_SUFFIX, is_set
 
 _NAMES = frozenset(v.name for v in VARIABLES)
+#: The longest an --online request may take (the service's own requests may take longer).
+ONLINE_TIMEOUT_S: Final = 30.0
 
 
 def origins_of(env: Mapping[str, str], label: str) -> dict[str, str]:
@@ -73,6 +103,7 @@ def describe(settings: Settings, origins: Mapping[str, str] | None = None) -> di
             "removal": d.removal,
             "resubscribe": d.resubscribe,
             "consent_to_track": d.consent_to_track,
+            "unsubscribe_all_client_lists": d.unsubscribe_all_client_lists,
             "custom_fields": dict(d.custom_fields),
         }
         for d in settings.destinations
@@ -145,6 +176,113 @@ def render_text(described: Mapping[str, object]) -> str:
             else:
                 rows.append((key, _text_value(value), ""))
         lines += ["", f'[destination "{destination["name"]}"]', *_aligned(rows)]
+    return "\n".join(lines)
+
+
+Verdict = Literal["ok", "held", "refused", "unanswered", "not checked"]
+#: The exit code each verdict asks for (the largest wins; 0 when every destination is ok).
+_EXIT: Final[Mapping[Verdict, int]] = {
+    "ok": 0,
+    "not checked": 0,
+    "unanswered": 1,
+    "held": 2,
+    "refused": 2,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineCheck:
+    """What Campaign Monitor says of one destination (no secret, no personal data)."""
+
+    destination: str
+    verdict: Verdict
+    problems: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    unsubscribe_setting: str | None = None
+    confirmed_opt_in: bool | None = None
+    custom_fields: dict[str, str] = field(default_factory=dict)  # key -> DataType, as listed
+
+
+async def _check_destination(client: CampaignMonitorClient, dest: Destination) -> OnlineCheck:
+    name = dest.name
+    try:
+        details = await client.list_details(dest.list_id)
+        fields = await client.custom_fields(dest.list_id)
+    except DestinationFatal as exc:
+        description = DESCRIPTIONS.get(exc.code, "") if exc.code is not None else ""
+        return OnlineCheck(
+            name,
+            "refused",
+            (
+                f"Campaign Monitor refused the destination (HTTP {exc.status}, code {exc.code}"
+                + (f", {description}" if description else "")
+                + f"): check the API key in {dest.api_key_env} and list_id {dest.list_id}",
+            ),
+        )
+    except (RecordRejected, RequestInvalid) as exc:
+        return OnlineCheck(name, "refused", (refused(exc.code, exc.status),))
+    except (RateLimited, TransientError) as exc:
+        return OnlineCheck(
+            name,
+            "unanswered",
+            (f"Campaign Monitor did not answer (HTTP {exc.status}): try again",),
+        )
+    check = check_list(dest, details, fields)
+    listed = {plain_key(str(f.get("Key"))): str(f.get("DataType")) for f in fields if f.get("Key")}
+    return OnlineCheck(
+        name,
+        "held" if check.problems else "ok",
+        check.problems,
+        check.warnings,
+        check.unsubscribe_setting,
+        check.confirmed_opt_in,
+        listed,
+    )
+
+
+async def online_checks(settings: Settings) -> list[OnlineCheck]:
+    """Ask Campaign Monitor about every destination, in order: two requests (list details,
+    custom fields) per destination that sends, one after the other, none for the others."""
+    results: list[OnlineCheck] = []
+    async with aiohttp.ClientSession() as session:
+        for dest in settings.destinations:
+            if not dest.sends:
+                results.append(
+                    OnlineCheck(
+                        dest.name, "not checked", ("sends nothing: personal data not acknowledged",)
+                    )
+                )
+                continue
+            client = CampaignMonitorClient(
+                settings.cm_base_url,
+                ApiKey(dest.api_key.reveal()),
+                session=session,
+                timeout_s=ONLINE_TIMEOUT_S,
+            )
+            results.append(await _check_destination(client, dest))
+    return results
+
+
+def online_exit_code(results: Sequence[OnlineCheck]) -> int:
+    """2 when a destination would be held or is refused, 1 when one went unanswered, else 0."""
+    return max((_EXIT[r.verdict] for r in results), default=0)
+
+
+def render_online(results: Sequence[OnlineCheck], base_url: str) -> str:
+    """`online_checks` as text: one line per destination, its problems and warnings below."""
+    lines = [f"# Campaign Monitor ({base_url}): list settings of each destination"]
+    for result in results:
+        verdict = {"held": "HELD: would send nothing", "refused": "REFUSED"}.get(
+            result.verdict, result.verdict
+        )
+        lines.append(f'[destination "{result.destination}"] {verdict}')
+        if result.unsubscribe_setting is not None:
+            lines.append(
+                f"  UnsubscribeSetting = {result.unsubscribe_setting}, "
+                f"ConfirmedOptIn = {_text_value(result.confirmed_opt_in)}"
+            )
+        lines += [f"  problem: {problem}" for problem in result.problems]
+        lines += [f"  warning: {warning}" for warning in result.warnings]
     return "\n".join(lines)
 
 
@@ -226,7 +364,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="cmsync check-config",
         description="Load and validate the configuration (environment and destinations file)\n"
         "and print it resolved, secrets masked. Exit 0 when valid; exit 2 listing every\n"
-        "problem otherwise.",
+        "problem otherwise.\n\n"
+        "--online also checks every destination that sends against Campaign Monitor (two\n"
+        "requests each: the list details and its custom fields), as `cmsync run` does when a\n"
+        "destination starts: the API key works and the list exists; every mapped custom\n"
+        "field key is a field of the list (keys compared without regard to letter case);\n"
+        'removal = "unsubscribe" on a list whose UnsubscribeSetting is AllClientLists (it\n'
+        "would unsubscribe each removed member from every list of the client) needs\n"
+        "unsubscribe_all_client_lists = true; a ConfirmedOptIn list is a warning (adds send\n"
+        "confirmation emails and stay Unconfirmed). It prints the verdict per destination\n"
+        "(ok, HELD, REFUSED with Campaign Monitor's code, unanswered) and exits 2 when a\n"
+        "destination would be held or is refused, 1 when Campaign Monitor did not answer,\n"
+        "0 otherwise.",
         epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -237,6 +386,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--format", choices=("text", "json"), default="text", help="output format (text)"
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="also check every destination against Campaign Monitor (see above); with "
+        '--format json the verdicts are under "online"',
     )
     return parser
 
@@ -261,10 +416,27 @@ def cli_main(argv: list[str]) -> int:
         print(error, file=sys.stderr)
         return 2
     described = describe(settings, origins)
+    results: list[OnlineCheck] | None = None
+    if args.online:
+        results = asyncio.run(online_checks(settings))
+        described["online"] = [asdict(result) for result in results]
     if args.format == "json":
         sys.stdout.write(orjson.dumps(described, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(render_text(described))
+        if results is not None:
+            print()
+            print(render_online(results, settings.cm_base_url))
     for warning in warnings(settings):
         print(warning, file=sys.stderr)
-    return 0
+    if results is None:
+        return 0
+    code = online_exit_code(results)
+    if code:
+        bad = [r.destination for r in results if _EXIT[r.verdict]]
+        print(
+            f"check-config --online: destination(s) {', '.join(bad)} would not sync as "
+            "configured (see above)",
+            file=sys.stderr,
+        )
+    return code
