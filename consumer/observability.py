@@ -187,7 +187,8 @@ freshness: Final = Histogram(
 )
 destination_up: Final = Gauge(
     "cmsync_destination_up",
-    "1 when the destination is being served, 0 when it is fatally stalled (bad key or list).",
+    "1 when the destination is being served, 0 when it is fatally stalled (bad key or list)"
+    " or held by its list's settings.",
     ["destination"],
     registry=REGISTRY,
 )
