@@ -69,6 +69,7 @@ from consumer.tuning import (
     EXIT_RESERVE_S,
     GC_THRESHOLDS,
     INPUT_TOPIC_RETRY_S,
+    READ_BACK_FETCH_BYTES,
     REVOKE_BUDGET_S,
     STATE_LINGER_MS,
 )
@@ -419,11 +420,18 @@ class Service:
         removes a temporary state directory)."""
         kafka = self.settings.kafka.client_kwargs()
         producer = AIOKafkaProducer(acks="all", linger_ms=STATE_LINGER_MS, **kafka)
-        restorer, reader = (
-            AIOKafkaConsumer(
-                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **kafka
-            )
-            for _ in range(2)
+        restorer = AIOKafkaConsumer(
+            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **kafka
+        )
+        # Reads single records back for dead letters: a fetch of one record, not a megabyte
+        # per read (a burst of dead letters, each fetching 1 MiB, took the process to 2.7 GiB).
+        reader = AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=READ_BACK_FETCH_BYTES,
+            fetch_max_bytes=READ_BACK_FETCH_BYTES,
+            **kafka,
         )
         temporary = self.settings.state_dir is None
         root = Path(self.settings.state_dir or tempfile.mkdtemp(prefix="cmsync-state-"))
