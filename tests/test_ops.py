@@ -356,7 +356,7 @@ def test_probes_and_ports_agree(rendered: list[dict[str, Any]]) -> None:
     for probe in probes.values():
         assert ports.get(probe["port"], probe["port"]) == http_port
     assert probes["livenessProbe"]["path"] == "/healthz"
-    assert probes["startupProbe"]["path"] == "/healthz"
+    assert probes["startupProbe"]["path"] == "/readyz"  # started = joined and restored
     assert probes["readinessProbe"]["path"] == "/readyz"
 
     service = the(rendered, "Service")
