@@ -85,6 +85,27 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def unreachable(settings: Settings) -> str:
+    """What to tell the operator when no broker could be connected to at start-up: with a
+    security protocol, a refused handshake (a wrong SASL mechanism or password, TLS) looks
+    the same to the client as a broker that is down, so both are named."""
+    kafka = settings.kafka
+    servers = ",".join(kafka.bootstrap_servers)
+    message = (
+        f"cannot connect to the Kafka brokers at {servers} (CMSYNC_KAFKA_BOOTSTRAP_SERVERS): "
+        "check the address and that the brokers are up"
+    )
+    if kafka.security_protocol != "PLAINTEXT":
+        mechanism = f", CMSYNC_KAFKA_SASL_MECHANISM={kafka.sasl_mechanism}" * bool(
+            kafka.sasl_mechanism
+        )
+        message += (
+            f", and that they accept CMSYNC_KAFKA_SECURITY_PROTOCOL={kafka.security_protocol}"
+            f"{mechanism} and the credentials"
+        )
+    return message
+
+
 def sending(destinations: Iterable[Destination]) -> list[Destination]:
     """The destinations the service writes to: not those that send nothing
     (`Destination.sends`: their connection lacks the personal data acknowledgement). Those are
@@ -566,12 +587,7 @@ def cli_main(argv: list[str]) -> int:
         return 2
     except KafkaConnectionError as exc:  # at start-up: no broker answered
         log.error("fatal", error=type(exc).__name__, detail=str(exc)[:200])
-        servers = ",".join(settings.kafka.bootstrap_servers)
-        print(
-            f"cmsync run: cannot reach the Kafka brokers at {servers} "
-            "(CMSYNC_KAFKA_BOOTSTRAP_SERVERS): check the address and that the brokers are up",
-            file=sys.stderr,
-        )
+        print(f"cmsync run: {unreachable(settings)}", file=sys.stderr)
         return 1
     except Exception as exc:
         # A task's failure arrives wrapped in the TaskGroup's ExceptionGroup: name the cause.

@@ -209,3 +209,24 @@ async def test_sigterm_while_the_broker_never_answers_exits_within_the_budget(
     assert code == 0, proc.tail()
     assert took <= budget, f"exit took {took:.1f} s, budget {budget} s"
     assert proc.events("stopping_before_start"), proc.tail()
+
+
+async def test_a_broker_that_refuses_sasl_exits_non_zero_naming_the_security_settings(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The bundled broker speaks PLAINTEXT only: a release configured for SASL is refused at
+    the handshake. The service exits 1 at once (it never turns ready, so a rollout stops), and
+    says which settings to check, without the password."""
+    env = base_env(tmp_path, kafka_bootstrap) | {
+        "CMSYNC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "CMSYNC_KAFKA_SASL_MECHANISM": "PLAIN",
+        "CMSYNC_KAFKA_SASL_USERNAME": "svc",
+        "CMSYNC_KAFKA_SASL_PASSWORD": "s3cret-pw-never-printed",
+    }
+    code, output, took = await asyncio.to_thread(run_cli, env, 120)
+    note(f"broker refusing SASL: exit {code} after {took:.1f} s")
+    assert code == 1, output
+    assert "CMSYNC_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT" in output, output
+    assert "CMSYNC_KAFKA_SASL_MECHANISM=PLAIN" in output, output
+    assert "s3cret-pw-never-printed" not in output
+    assert "Traceback" not in output
