@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
+import os
 import shutil
 import signal
 import sys
@@ -69,12 +71,16 @@ from consumer.tuning import (
     EXIT_RESERVE_S,
     GC_THRESHOLDS,
     INPUT_TOPIC_RETRY_S,
+    MALLOC_ARENAS,
     READ_BACK_FETCH_BYTES,
     REVOKE_BUDGET_S,
     STATE_LINGER_MS,
 )
 
 log = structlog.get_logger("cmsync.app")
+
+#: glibc's mallopt parameter number of M_ARENA_MAX (malloc.h).
+M_ARENA_MAX = -8
 
 
 def tune_garbage_collector() -> None:
@@ -83,6 +89,21 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def limit_malloc_arenas() -> None:
+    """At most `MALLOC_ARENAS` glibc malloc arenas (the default is eight per core): RocksDB's
+    and aiokafka's threads each got an arena of their own, and memory freed there stayed in
+    the process. Measured with `python -m bench.outage --records 10000 --sizes 60000`: peak
+    RSS 280 MiB instead of 302-311 MiB. Must run before those threads start; a no-op where the
+    C library is not glibc, and an explicit ``MALLOC_ARENA_MAX`` in the environment wins."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # not glibc (musl, …): nothing to tune
+        return
 
 
 def unreachable(settings: Settings) -> str:
@@ -565,7 +586,6 @@ def cli_main(argv: list[str]) -> int:
         "variables (see `cmsync check-config --help`).",
     )
     parser.parse_args(argv)
-    import os
 
     try:
         settings = load_settings(os.environ)
@@ -578,6 +598,7 @@ def cli_main(argv: list[str]) -> int:
     from aiokafka.errors import KafkaConnectionError
 
     try:
+        limit_malloc_arenas()
         asyncio.run(run_until_signalled(settings))
     except asyncio.CancelledError:
         return 1

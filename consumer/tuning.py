@@ -122,6 +122,8 @@ STATE_LINGER_MS: Final = 5
 #: under way (the membership state's changelog did not acknowledge).
 SEND_RETRY_S: Final = 1.0
 
+#: glibc malloc arenas of `cmsync run` (see `consumer.app.limit_malloc_arenas`).
+MALLOC_ARENAS: Final = 2
 #: The fetch size of the consumer that reads single input records back for dead letters: above
 #: the largest record the schema allows (64 KiB), far below aiokafka's 1 MiB default. aiokafka
 #: keeps what a read fetched for a while: 3,000 dead letters in a row (every record refused by
