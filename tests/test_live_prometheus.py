@@ -271,7 +271,10 @@ async def test_dashboard_and_alerts_hold_against_a_live_prometheus(
                 found = await alerts()
                 return {"CmsyncDestinationStalled", "CmsyncDeadLetters"} <= set(found)
 
-            # Generous: under the parallel suite the scrapes and evaluations lag (20 s missed once).
+            # A rate needs an increase Prometheus saw: under the parallel suite its first scrape
+            # could come after the first dead letters, and the counter never moved again. More
+            # bad records now, seen as an increase.
+            await rig.produce_pairs([(b"bad", b"{not json") for _ in range(3)])
             await rig.wait_for(expected_pending, 45, "the expected alerts pending", [proc])
             found = await alerts()
             [stalled] = found["CmsyncDestinationStalled"]
