@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
@@ -375,21 +375,38 @@ def _parse_connections(tables: list[dict[str, object]], problems: list[str]) -> 
     return _Connections(valid, list(numbers))
 
 
+def _label(kind: str, number: int, table: Mapping[str, object]) -> str:
+    """How problems name a table: ``destination #2 "vip"`` (the name only when usable)."""
+    raw_name = table.get("name")
+    label = f"{kind} #{number}"
+    if isinstance(raw_name, str) and _NAME_RE.fullmatch(raw_name):
+        label += f' "{raw_name}"'
+    return label
+
+
+def _check_keys(
+    label: str,
+    table: Mapping[str, object],
+    known: Sequence[str],
+    required: Sequence[str],
+    problems: list[str],
+) -> None:
+    """Record unknown keys (with the nearest known one) and missing required keys."""
+    for key in table:
+        if key not in known:
+            problems.append(f'{label}: unknown key "{key}"{did_you_mean(key, known)}')
+    for key in required:
+        if key not in table:
+            problems.append(f'{label}: required key "{key}" is missing')
+
+
 def _parse_connection(
     number: int, table: Mapping[str, object], problems: list[str]
 ) -> _Connection | None:
     """One connection, or None after recording its problems."""
-    raw_name = table.get("name")
-    label = f"connection #{number}"
-    if isinstance(raw_name, str) and _NAME_RE.fullmatch(raw_name):
-        label += f' "{raw_name}"'
+    label = _label("connection", number, table)
     found = len(problems)
-    for key in table:
-        if key not in CONNECTION_KEYS:
-            problems.append(f'{label}: unknown key "{key}"{did_you_mean(key, CONNECTION_KEYS)}')
-    for key in REQUIRED_CONNECTION_KEYS:
-        if key not in table:
-            problems.append(f'{label}: required key "{key}" is missing')
+    _check_keys(label, table, CONNECTION_KEYS, REQUIRED_CONNECTION_KEYS, problems)
 
     name = _string(label, table, "name", problems)
     if name is not None and not _NAME_RE.fullmatch(name):
@@ -429,18 +446,9 @@ def _parse_destination(
 ) -> Destination | None:
     """One destination, or None after recording its problems (or when its connection is
     invalid: the connection's problems say why)."""
-    raw_name = table.get("name")
-    label = f"destination #{number}"
-    if isinstance(raw_name, str) and _NAME_RE.fullmatch(raw_name):
-        label += f' "{raw_name}"'
+    label = _label("destination", number, table)
     found = len(problems)
-
-    for key in table:
-        if key not in DESTINATION_KEYS:
-            problems.append(f'{label}: unknown key "{key}"{did_you_mean(key, DESTINATION_KEYS)}')
-    for key in REQUIRED_DESTINATION_KEYS:
-        if key not in table:
-            problems.append(f'{label}: required key "{key}" is missing')
+    _check_keys(label, table, DESTINATION_KEYS, REQUIRED_DESTINATION_KEYS, problems)
 
     def string(key: str) -> str | None:
         return _string(label, table, key, problems)

@@ -48,10 +48,10 @@ from consumer.campaign_monitor.transport import (
     ApiKey,
     Credentials,
     OAuthToken,
-    Response,
     ResponseObserver,
     Transport,
     TransportOptions,
+    unusable,
 )
 from consumer.ratelimit import RateLimitInfo
 
@@ -451,7 +451,7 @@ class CampaignMonitorClient:
         )
         payload = response.payload
         if not isinstance(payload, list) or not all(isinstance(f, dict) for f in payload):
-            raise _unexpected("custom_fields", response)
+            raise unusable("custom_fields", response)
         return payload
 
     async def create_custom_field(
@@ -475,7 +475,7 @@ class CampaignMonitorClient:
             },
         )
         if not isinstance(response.payload, str):
-            raise _unexpected("create_custom_field", response)
+            raise unusable("create_custom_field", response)
         return response.payload
 
     async def _page(
@@ -496,13 +496,7 @@ class CampaignMonitorClient:
             or (number is not None and number != page)
             or (pages is not None and page < pages and len(results) < page_size)
         ):
-            raise TransientError(
-                f"Campaign Monitor {endpoint}: HTTP {response.status}: truncated listing page",
-                status=response.status,
-                code=None,
-                endpoint=endpoint,
-                rate_limit=response.rate_limit,
-            )
+            raise unusable(endpoint, response, "truncated listing page")
         last = (
             not results
             or (pages is not None and page >= pages)
@@ -521,16 +515,6 @@ def _page_params(
         "orderfield": order_field,
         "orderdirection": "desc" if descending else "asc",
     }
-
-
-def _unexpected(endpoint: str, response: Response) -> TransientError:
-    return TransientError(
-        f"Campaign Monitor {endpoint}: HTTP {response.status}: unexpected response body",
-        status=response.status,
-        code=None,
-        endpoint=endpoint,
-        rate_limit=response.rate_limit,
-    )
 
 
 def _check_page_size(page_size: int, endpoint: str) -> None:

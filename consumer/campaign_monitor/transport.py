@@ -42,6 +42,7 @@ __all__ = [
     "ResponseObserver",
     "Transport",
     "TransportOptions",
+    "unusable",
 ]
 
 ResponseObserver = Callable[[str, int, RateLimitInfo | None, float, bool], None]
@@ -120,6 +121,20 @@ class TransportOptions(TypedDict, total=False):
     observer: ResponseObserver | None
 
 
+def unusable(
+    endpoint: str, response: Response, what: str = "unexpected response body"
+) -> TransientError:
+    """A successful answer the client cannot use (a body of the wrong shape, a truncated
+    listing page): retried like a server error. No personal data in the message."""
+    return TransientError(
+        f"Campaign Monitor {endpoint}: HTTP {response.status}: {what}",
+        status=response.status,
+        code=None,
+        endpoint=endpoint,
+        rate_limit=response.rate_limit,
+    )
+
+
 class Transport:
     """One base URL and credentials, one session: `request` sends, decodes and classifies.
 
@@ -174,13 +189,7 @@ class Transport:
     def expect_object(self, endpoint: str, response: Response) -> dict[str, Any]:
         if isinstance(response.payload, dict):
             return response.payload
-        raise TransientError(
-            f"Campaign Monitor {endpoint}: HTTP {response.status}: unexpected response body",
-            status=response.status,
-            code=None,
-            endpoint=endpoint,
-            rate_limit=response.rate_limit,
-        )
+        raise unusable(endpoint, response)
 
     def _observe(
         self,
