@@ -15,10 +15,8 @@ import asyncio
 import contextlib
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 import aiohttp
 
@@ -26,36 +24,17 @@ from bench.common import Figure, Option, Result, at_most, main_of, options
 from consumer.buffer import AppliedMemory, Change, DestinationBuffer, Position
 from consumer.campaign_monitor.client import MAX_PAGE_SIZE, ApiKey, CampaignMonitorClient
 from consumer.consent import ConsentBook
+from consumer.devtools.rig import load_destinations
 from consumer.devtools.simulator import Simulator, SimulatorConfig, serve
 from consumer.flusher import DestinationFlusher
 from consumer.gateway import ApiGateway
 from consumer.membership.model import Desired
 from consumer.ratelimit import AimdRateLimiter
 from consumer.rows import Wanted
-from consumer.settings import Destination, load_settings
 
 API_KEY = "bench-consent-key"
 LIST_ID = "0123456789abcdef0123456789abcdef"
 LISTING_ENDPOINTS = ("members",)
-
-
-def _destination() -> Destination:
-    """The destination as the service reads it (through the settings loader)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "destinations.toml"
-        path.write_text(
-            f'[[destination]]\nname = "news"\nsegment_id = "seg"\nlist_id = "{LIST_ID}"\n'
-            'email_field = "email"\n',
-            encoding="utf-8",
-        )
-        settings = load_settings(
-            {
-                "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
-                "CMSYNC_DESTINATIONS_FILE": str(path),
-                "CMSYNC_CM_API_KEY": API_KEY,
-            }
-        )
-    return settings.destinations[0]
 
 
 class _NoLetters:
@@ -81,7 +60,11 @@ async def run(unsubscribed: int, bounced: int, rate: float, batches: int) -> Res
 
     served: list[tuple[float, str]] = []
     stop_observing = sim.observe(lambda s: served.append((time.monotonic(), s.endpoint)))
-    dest = _destination()
+    toml = (
+        f'[[destination]]\nname = "news"\nsegment_id = "seg"\nlist_id = "{LIST_ID}"\n'
+        'email_field = "email"\n'
+    )
+    dest = load_destinations(toml, API_KEY)[0]
     released: list[Position] = []
     changed = asyncio.Event()
 

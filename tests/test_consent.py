@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -26,6 +25,7 @@ from consumer.buffer import AppliedMemory, Change, DestinationBuffer, Entry, Pos
 from consumer.campaign_monitor.client import ApiKey, CampaignMonitorClient
 from consumer.consent import FRESH_S, ConsentBook, ConsentUnknownError, ListConsent
 from consumer.destinations import Removal, Resubscribe
+from consumer.devtools.rig import load_destinations
 from consumer.devtools.simulator import FaultConfig, Simulator, SimulatorConfig, serve
 from consumer.flusher import DestinationFlusher
 from consumer.gateway import ApiGateway
@@ -33,7 +33,7 @@ from consumer.membership import AddressTable, Applied, Claim, DictStore
 from consumer.ratelimit import AimdRateLimiter
 from consumer.retry import Backoff
 from consumer.rows import Wanted
-from consumer.settings import Destination, load_settings
+from consumer.settings import Destination
 from tests.simulator_fixtures import FakeClock
 
 KEY = "k3y-for-consent-tests"
@@ -51,17 +51,8 @@ email_field = "email"
 
 
 @pytest.fixture
-def destination(tmp_path: Path) -> Destination:
-    path = tmp_path / "destinations.toml"
-    path.write_text(DESTINATIONS_TOML, encoding="utf-8")
-    settings = load_settings(
-        {
-            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
-            "CMSYNC_DESTINATIONS_FILE": str(path),
-            "CMSYNC_CM_API_KEY": KEY,
-        }
-    )
-    return settings.destinations[0]
+def destination() -> Destination:
+    return load_destinations(DESTINATIONS_TOML, KEY)[0]
 
 
 @pytest.fixture

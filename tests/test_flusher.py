@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -36,13 +35,14 @@ from consumer.campaign_monitor.client import (
 from consumer.consent import ConsentUnknownError, OptOuts
 from consumer.deadletter import DeadLetter
 from consumer.destinations import Resubscribe
+from consumer.devtools.rig import load_destinations
 from consumer.fieldtypes import field_types
 from consumer.flusher import DestinationFlusher
 from consumer.gateway import RemovalMode
 from consumer.listsettings import ListCheck
 from consumer.membership.model import Applied, Desired, Origin
 from consumer.rows import Wanted
-from consumer.settings import Destination, load_settings
+from consumer.settings import Destination
 from tests.simulator_fixtures import FakeClock
 
 TOPIC = "membership"
@@ -64,18 +64,9 @@ City = "city"
 
 
 @pytest.fixture
-def destination(tmp_path: Path) -> Destination:
+def destination() -> Destination:
     """A destination as the service reads it (through the public settings loader)."""
-    path = tmp_path / "destinations.toml"
-    path.write_text(DESTINATIONS_TOML, encoding="utf-8")
-    settings = load_settings(
-        {
-            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
-            "CMSYNC_DESTINATIONS_FILE": str(path),
-            "CMSYNC_CM_API_KEY": "test-key",
-        }
-    )
-    return settings.destinations[0]
+    return load_destinations(DESTINATIONS_TOML, "test-key")[0]
 
 
 class FakeGateway:

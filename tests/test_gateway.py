@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -23,6 +22,7 @@ from consumer.campaign_monitor.client import (
     RecordRejected,
     SubscriberRow,
 )
+from consumer.devtools.rig import load_destinations
 from consumer.devtools.simulator import (
     AddressThrottle,
     CustomFieldSpec,
@@ -35,7 +35,7 @@ from consumer.devtools.simulator import (
 from consumer.gateway import ApiGateway, gateways_for
 from consumer.ratelimit import AimdRateLimiter
 from consumer.retry import Backoff
-from consumer.settings import Destination, load_settings
+from consumer.settings import Destination
 from tests.simulator_fixtures import FakeClock
 
 KEY = "k3y-for-gateway-tests"
@@ -68,20 +68,12 @@ email_field = "email"
 
 
 @pytest.fixture
-def destinations(tmp_path: Path) -> dict[str, Destination]:
+def destinations() -> dict[str, Destination]:
     """Three destinations as the service reads them: two variables hold the same key."""
-    path = tmp_path / "destinations.toml"
-    path.write_text(DESTINATIONS_TOML, encoding="utf-8")
-    settings = load_settings(
-        {
-            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
-            "CMSYNC_DESTINATIONS_FILE": str(path),
-            "CMSYNC_CM_API_KEY": KEY,
-            "SAME_KEY_OTHER_VARIABLE": KEY,
-            "PARTNER_KEY": OTHER_KEY,
-        }
+    found = load_destinations(
+        DESTINATIONS_TOML, KEY, SAME_KEY_OTHER_VARIABLE=KEY, PARTNER_KEY=OTHER_KEY
     )
-    return {d.name: d for d in settings.destinations}
+    return {d.name: d for d in found}
 
 
 @pytest.fixture

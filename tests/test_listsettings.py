@@ -19,11 +19,11 @@ from consumer import observability as obs
 from consumer.campaign_monitor.client import RequestInvalid
 from consumer.checkconfig import cli_main
 from consumer.destinations import Destination
+from consumer.devtools.rig import load_destinations
 from consumer.devtools.simulator import CustomFieldSpec, Simulator, SimulatorConfig
 from consumer.fieldtypes import FieldType, Unfit, field_types
 from consumer.listsettings import ListCheck, check_list, read_list_check
 from consumer.rows import build_row
-from consumer.settings import load_settings
 from tests.harness import Dest, SyncHarness, event, headers_of, running
 from tests.simulator_fixtures import SimulatorThread
 
@@ -31,25 +31,16 @@ LIST_ID = "0123456789abcdef0123456789abcdef"
 KEY = "list-settings-key-5e4d3c2b1a"
 
 
-def destination(tmp_path: Path, extra: str = "", fields: str = 'City = "city"\n') -> Destination:
-    path = tmp_path / "destinations.toml"
-    path.write_text(
-        f"""[[destination]]
+def destination(extra: str = "", fields: str = 'City = "city"\n') -> Destination:
+    toml = f"""[[destination]]
 name = "news"
 segment_id = "seg"
 list_id = "{LIST_ID}"
 email_field = "email"
 {extra}
 [destination.custom_fields]
-{fields}""",
-        encoding="utf-8",
-    )
-    env = {
-        "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
-        "CMSYNC_DESTINATIONS_FILE": str(path),
-        "CMSYNC_CM_API_KEY": KEY,
-    }
-    return load_settings(env).destinations[0]
+{fields}"""
+    return load_destinations(toml, KEY)[0]
 
 
 def details(setting: str = "OnlyThisList", *, confirmed: bool = False) -> dict[str, Any]:
@@ -61,8 +52,8 @@ CITY = [{"Key": "[City]", "DataType": "Text", "FieldName": "City"}]
 # ------------------------------------------------------------------------ check_list (pure)
 
 
-def test_unsubscribe_on_an_all_client_lists_list_is_held_unless_accepted(tmp_path: Path) -> None:
-    unsubscribing = destination(tmp_path, 'removal = "unsubscribe"\n')
+def test_unsubscribe_on_an_all_client_lists_list_is_held_unless_accepted() -> None:
+    unsubscribing = destination('removal = "unsubscribe"\n')
     held = check_list(unsubscribing, details("AllClientLists"), CITY)
     assert held.held_reason == (
         f'list {LIST_ID} has UnsubscribeSetting AllClientLists, so removal = "unsubscribe" '
@@ -70,17 +61,15 @@ def test_unsubscribe_on_an_all_client_lists_list_is_held_unless_accepted(tmp_pat
         '"delete", or set unsubscribe_all_client_lists = true to accept that'
     )
     assert held.unsubscribe_setting == "AllClientLists"
-    accepted = destination(
-        tmp_path, 'removal = "unsubscribe"\nunsubscribe_all_client_lists = true\n'
-    )
+    accepted = destination('removal = "unsubscribe"\nunsubscribe_all_client_lists = true\n')
     assert check_list(accepted, details("AllClientLists"), CITY).held_reason is None
     assert check_list(unsubscribing, details("OnlyThisList"), CITY).held_reason is None
-    deleting = destination(tmp_path)  # a delete touches this list only
+    deleting = destination()  # a delete touches this list only
     assert check_list(deleting, details("AllClientLists"), CITY).held_reason is None
 
 
-def test_confirmed_opt_in_is_a_warning(tmp_path: Path) -> None:
-    check = check_list(destination(tmp_path), details(confirmed=True), CITY)
+def test_confirmed_opt_in_is_a_warning() -> None:
+    check = check_list(destination(), details(confirmed=True), CITY)
     assert check.held_reason is None
     assert check.warnings == (
         f"list {LIST_ID} is ConfirmedOptIn: adds send confirmation emails and stay Unconfirmed "
@@ -89,8 +78,8 @@ def test_confirmed_opt_in_is_a_warning(tmp_path: Path) -> None:
     assert check.confirmed_opt_in is True
 
 
-def test_mapped_keys_the_list_lacks_hold_the_destination(tmp_path: Path) -> None:
-    dest = destination(tmp_path, fields='city = "city"\n"[Tier]" = "tier"\nShoe = "shoe"\n')
+def test_mapped_keys_the_list_lacks_hold_the_destination() -> None:
+    dest = destination(fields='city = "city"\n"[Tier]" = "tier"\nShoe = "shoe"\n')
     check = check_list(dest, details(), CITY)  # "city" is the list's "[City]"
     assert check.held_reason == (
         f'list {LIST_ID} has no custom field "[Tier]", "Shoe" (mapped in custom_fields; '
@@ -100,16 +89,16 @@ def test_mapped_keys_the_list_lacks_hold_the_destination(tmp_path: Path) -> None
     assert check.types == field_types(CITY)
 
 
-def test_a_listing_that_cannot_be_typed_sends_values_as_they_are(tmp_path: Path) -> None:
+def test_a_listing_that_cannot_be_typed_sends_values_as_they_are() -> None:
     listing = [*CITY, {"Key": "[Mood]", "DataType": "Emoji"}]
-    check = check_list(destination(tmp_path), details(), listing)
+    check = check_list(destination(), details(), listing)
     assert check.types is None
     assert check.held_reason is None
     [warning] = check.warnings
     assert "cannot be typed" in warning
     assert "sent as they are" in warning
     # the keys are still checked
-    other = destination(tmp_path, fields='Shoe = "shoe"\n')
+    other = destination(fields='Shoe = "shoe"\n')
     assert 'no custom field "Shoe"' in (check_list(other, details(), listing).held_reason or "")
 
 
@@ -129,21 +118,19 @@ class FakeReader:
         return CITY
 
 
-async def test_read_list_check_reads_custom_fields_only_when_some_are_mapped(
-    tmp_path: Path,
-) -> None:
+async def test_read_list_check_reads_custom_fields_only_when_some_are_mapped() -> None:
     reader = FakeReader()
-    check = await read_list_check(reader, destination(tmp_path))
+    check = await read_list_check(reader, destination())
     assert reader.asked == ["details", "custom_fields"]
     assert check.types == field_types(CITY)
     reader = FakeReader()
-    check = await read_list_check(reader, destination(tmp_path, fields=""))
+    check = await read_list_check(reader, destination(fields=""))
     assert reader.asked == ["details"]
     assert check == ListCheck(unsubscribe_setting="OnlyThisList", confirmed_opt_in=False)
 
 
-async def test_a_refused_read_holds_the_destination_with_its_code(tmp_path: Path) -> None:
-    check = await read_list_check(FakeReader(refuse=True), destination(tmp_path))
+async def test_a_refused_read_holds_the_destination_with_its_code() -> None:
+    check = await read_list_check(FakeReader(refuse=True), destination())
     assert check.held_reason == (
         "Campaign Monitor refused to read the list settings (HTTP 400, code 999)"
     )
@@ -161,9 +148,8 @@ TYPES = field_types(
 )
 
 
-def test_rows_carry_coerced_values_under_the_lists_spelling_of_the_key(tmp_path: Path) -> None:
+def test_rows_carry_coerced_values_under_the_lists_spelling_of_the_key() -> None:
     dest = destination(
-        tmp_path,
         fields='birthday = "born"\nAGE = "age"\nTier = "tier"\nTopics = "topics"\n',
     )
     profile: dict[str, Any] = {

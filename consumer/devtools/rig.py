@@ -30,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -47,7 +48,7 @@ from consumer.app import Service
 from consumer.devtools.embedded_broker import create_topics, free_port
 from consumer.devtools.simulator import CustomFieldSpec, Simulator, SimulatorConfig, serve
 from consumer.devtools.synthetic import INTERESTS, TIERS, Expected, SegmentSpec
-from consumer.settings import Settings, load_settings
+from consumer.settings import Destination, Settings, load_settings
 
 __all__ = [
     "DEMO_DESTINATIONS",
@@ -67,6 +68,7 @@ __all__ = [
     "field_values",
     "free_port",
     "headers_of",
+    "load_destinations",
     "produce",
     "read_topic",
     "service_env",
@@ -78,6 +80,22 @@ UnsubscribeSetting = Literal["AllClientLists", "OnlyThisList"]
 
 
 # ------------------------------------------------------------------------------- destinations
+
+
+def load_destinations(toml: str, api_key: str, **variables: str) -> tuple[Destination, ...]:
+    """The destinations of a destinations file with this text, as the service reads them
+    (through the public settings loader; `api_key` in CMSYNC_CM_API_KEY, `variables` beside
+    it, e.g. the variables the file's ``api_key_env`` names)."""
+    with tempfile.TemporaryDirectory(prefix="cmsync-destinations-") as tmp:
+        path = Path(tmp) / "destinations.toml"
+        path.write_text(toml, encoding="utf-8")
+        env = {
+            "CMSYNC_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",
+            "CMSYNC_DESTINATIONS_FILE": str(path),
+            "CMSYNC_CM_API_KEY": api_key,
+            **variables,
+        }
+        return load_settings(env).destinations
 
 
 @dataclass
