@@ -45,6 +45,8 @@ from consumer.membership.model import (
     Member,
     MemberState,
     ProfileChange,
+    Repair,
+    RepairKind,
     Verdict,
     Version,
 )
@@ -66,6 +68,8 @@ __all__ = [
     "MemberState",
     "MemberTable",
     "ProfileChange",
+    "Repair",
+    "RepairKind",
     "StateFormatError",
     "Store",
     "Verdict",

@@ -5,7 +5,10 @@ Keys sort by their first part, so one segment's members (one list's addresses) a
 scan: a 2-byte big-endian length, the first part in UTF-8, then the second part in UTF-8 (a
 length prefix, not a separator: ids may contain any character).
 
-Values are a format version byte (`FORMAT_VERSION`) followed by a MessagePack array. A reader
+Values are a format version byte (`FORMAT_VERSION`) followed by a MessagePack array; on the
+claims topic a *repair* (`cmsync reconcile`) is a MessagePack map instead (``{"repair": kind}``),
+so the two cannot be mistaken for each other whatever the ids. A release older than repairs
+refuses one as malformed (docs/upgrade.md: every pod on this release before reconciling). A reader
 refuses a version byte it does not know (`StateFormatError`) rather than guess: state written
 by a newer release must not be misread by an older one during a rolling upgrade. Field maps are
 encoded with sorted keys, so equal fields give equal bytes and `fingerprint` is stable across
@@ -32,6 +35,7 @@ from consumer.membership.model import (
     Holding,
     Member,
     MemberState,
+    Repair,
 )
 
 __all__ = [
@@ -40,10 +44,12 @@ __all__ = [
     "address_key",
     "decode_address",
     "decode_claim",
+    "decode_claims_record",
     "decode_member",
     "encode_address",
     "encode_claim",
     "encode_member",
+    "encode_repair",
     "fingerprint",
     "list_prefix",
     "member_key",
@@ -206,9 +212,23 @@ def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
 
 
 def decode_claim(key: bytes, value: bytes) -> Claim:
+    return _claim(key, _checked_body(value, "claim"))
+
+
+def _checked_body(value: bytes, what: str) -> Any:
+    """`_body`, a damaged value raising `StateFormatError`."""
+    try:
+        return _body(value, what)
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError(f"{what}: malformed value") from exc
+
+
+def _claim(key: bytes, body: Any) -> Claim:
     list_id, address = split_key(key)
     try:
-        segment, profile, occurred_at_ms, offset, holds, fields, partition = _body(value, "claim")
+        segment, profile, occurred_at_ms, offset, holds, fields, partition = body
         return Claim(
             list_id,
             address,
@@ -222,3 +242,23 @@ def decode_claim(key: bytes, value: bytes) -> Claim:
         raise
     except _MALFORMED as exc:
         raise StateFormatError("claim: malformed value") from exc
+
+
+_REPAIR_KINDS: Final = ("reassert", "extra")
+
+
+def encode_repair(repair: Repair) -> tuple[bytes, bytes]:
+    """The claims topic record of a repair: (`address_key`, ``{"repair": kind}``)."""
+    return address_key(repair.list_id, repair.address), _HEADER + _pack({"repair": repair.kind})
+
+
+def decode_claims_record(key: bytes, value: bytes) -> Claim | Repair:
+    """A record of the claims topic: a claim (an array) or a repair (a map)."""
+    body = _checked_body(value, "claims record")
+    if not isinstance(body, dict):
+        return _claim(key, body)
+    kind = body.get("repair")
+    if kind == "reassert" or kind == "extra":
+        list_id, address = split_key(key)
+        return Repair(list_id, address, kind)
+    raise StateFormatError(f"claims record: unknown repair (expected one of {_REPAIR_KINDS})")
