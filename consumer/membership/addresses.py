@@ -187,6 +187,12 @@ class AddressTable:
         for key, raw in self._store.scan(list_prefix(list_id)):
             yield _desired(list_id, split_key(key)[1], decode_address(raw))
 
+    def states(self, list_id: str) -> Iterator[tuple[str, AddressState]]:
+        """(address, stored state) of every address of ``list_id`` this store knows, in key
+        order (`cmsync reconcile`: who should be in the list, and who the sync removed)."""
+        for key, raw in self._store.scan(list_prefix(list_id)):
+            yield split_key(key)[1], decode_address(raw)
+
     def owed(self, list_id: str) -> Iterator[Desired]:
         """The desired states of ``list_id`` that differ from what the sync last applied."""
         for key, raw in self._store.scan(list_prefix(list_id)):
