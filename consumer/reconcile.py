@@ -77,7 +77,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumer import observability as obs
-from consumer.campaign_monitor.client import SubscriberRow
+from consumer.campaign_monitor.client import MAX_PAGE_SIZE, SubscriberRow
 from consumer.consent import ConsentBook, ConsentUnknownError, ListConsent, OptOuts
 from consumer.fieldtypes import FieldType, Unfit, key_of
 from consumer.gateway import ApiGateway, gateways_for
@@ -92,15 +92,25 @@ from consumer.membership.stages import claim_partition
 from consumer.ratelimit import RateLimitInfo
 from consumer.rows import build_row
 from consumer.settings import ConfigError, Destination, Settings, load_settings
-from consumer.tuning import RECONCILE_STALL_S
+from consumer.tuning import RECONCILE_READ_AHEAD_PAGES, RECONCILE_STALL_S
 
-__all__ = ["DestinationDrift", "ExpectedState", "Outcome", "cli_main", "reconcile"]
+__all__ = [
+    "DestinationDrift",
+    "ExpectedState",
+    "Outcome",
+    "cli_main",
+    "is_stale",
+    "left_alone",
+    "reconcile",
+    "send_repairs",
+]
 
 log = structlog.get_logger("cmsync.reconcile")
 
 #: The classes of the report (`--report`), in the order the summary shows them.
 Kind = Literal["missing", "extra", "stale", "protected"]
 KINDS: Final[tuple[Kind, ...]] = ("missing", "extra", "stale", "protected")
+SKIPPED: Final = 'sends nothing (its connection lacks personal_data = "acknowledged")'
 #: How often the watchdog looks at a destination's listing (stall, progress).
 WATCH_EVERY_S: Final = 0.5
 
@@ -127,6 +137,9 @@ class Outcome:
     drifts: list[DestinationDrift]
     seconds: float
     dry_run: bool
+    #: destinations left out: they send nothing (no personal data acknowledgement), so the
+    #: service would apply no repair of theirs
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[DestinationDrift]:
@@ -239,7 +252,7 @@ def is_stale(
     return False
 
 
-def _left_alone(
+def left_alone(
     dest: Destination, address: str, state: AddressState, deleted: bool, opted: OptOuts
 ) -> bool:
     """Whether a held address that the list does not show Active stays as it is (protected):
@@ -278,15 +291,52 @@ class _Watch:
         gateway.client.observer = observer
 
 
+Row = dict[str, Any]
+
+
+async def _read_ahead(rows: AsyncIterator[Row], pages: int) -> AsyncIterator[Row]:
+    """``rows``, read by a task of their own up to ``pages`` pages ahead of the caller: the
+    listing goes on while the caller waits (for the state's restore). The listing's error is
+    raised to the caller where it happened."""
+    queue: asyncio.Queue[list[Row] | Exception | None] = asyncio.Queue(maxsize=pages)
+
+    async def pull() -> None:
+        try:
+            page: list[Row] = []
+            async for row in rows:
+                page.append(row)
+                if len(page) == MAX_PAGE_SIZE:
+                    await queue.put(page)
+                    page = []
+            await queue.put(page)
+            await queue.put(None)
+        except Exception as exc:  # handed over, raised by the reader
+            await queue.put(exc)
+
+    reader = asyncio.create_task(pull())
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            for row in item:
+                yield row
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
 async def _compare(
     dest: Destination,
     gateway: ApiGateway,
     consent: ListConsent,
-    expected: ExpectedState,
+    restored: asyncio.Future[ExpectedState],
     report: Callable[[str, str, Kind], None],
     clock: Callable[[], float],
 ) -> DestinationDrift:
-    """Read one destination's list and classify every address (module docstring)."""
+    """Read one destination's list and classify every address (module docstring). The list's
+    settings, opt-outs, Deleted members and first pages of Active ones are read while the
+    state is being ``restored``."""
     drift = DestinationDrift(dest.name)
     check = await read_list_check(gateway, dest)
     if check.held_reason is not None:
@@ -309,8 +359,11 @@ async def _compare(
         if repair is not None:
             drift.repairs.append(Repair(dest.list_id, address, repair))
 
+    listing = gateway.members(dest.list_id, "active", destination=dest.name)
+    members = _read_ahead(listing, RECONCILE_READ_AHEAD_PAGES)
+    expected = await asyncio.shield(restored)  # shared: one list's failure must not cancel it
     active: set[int] = set()
-    async for member in gateway.members(dest.list_id, "active", destination=dest.name):
+    async for member in members:
         address = normalise_address(str(member.get("EmailAddress", "")))
         active.add(hash(address))
         state = expected.state(dest.list_id, address)
@@ -330,7 +383,7 @@ async def _compare(
             absent.append((address, state))
     opted = await consent.opted_out([a for a, _ in absent], since=read_from, activating=True)
     for address, state in absent:
-        if _left_alone(dest, address, state, hash(address) in deleted, opted):
+        if left_alone(dest, address, state, hash(address) in deleted, opted):
             found(address, "protected", None)
         else:
             found(address, "missing", "reassert")
@@ -408,7 +461,11 @@ async def reconcile(
     refuse): read, classify, and unless ``dry_run`` send the repairs of those that were read.
     ``report`` receives the per-address detail as JSON lines."""
     started = clock()
-    chosen = [d for d in settings.destinations if not names or d.name in names]
+    named = [d for d in settings.destinations if not names or d.name in names]
+    chosen = [d for d in named if d.sends]
+    skipped = [d.name for d in named if not d.sends]
+    if skipped:
+        log.warning("reconcile_skipped", destinations=skipped, reason=SKIPPED)
     kafka = settings.kafka.client_kwargs()
     topics = InternalTopics.of_group(settings.kafka.group_id)
 
@@ -417,10 +474,8 @@ async def reconcile(
             line = {"destination": destination, "address": address, "kind": kind}
             report.write(orjson.dumps(line) + b"\n")
 
-    async with (
-        ExpectedState.restored(kafka, topics) as expected,
-        aiohttp.ClientSession() as session,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession())
         session._retry_connection = False  # as in the service: no retry behind the limiter
         gateways = gateways_for(
             chosen,
@@ -432,15 +487,27 @@ async def reconcile(
 
         watches = {id(g): _Watch(g, clock) for g in gateways.values()}
 
+        # The restore goes on while the lists are read (its stores close with the stack).
+        restoring = asyncio.create_task(
+            stack.enter_async_context(ExpectedState.restored(kafka, topics))
+        )
+
         async def one(dest: Destination) -> DestinationDrift:
             gateway = gateways[dest.name]
             consent = book.for_destination(dest)
             work = asyncio.create_task(
-                _compare(dest, gateway, consent, expected, write_report, clock)
+                _compare(dest, gateway, consent, restoring, write_report, clock)
             )
             return await _guarded(work, gateway, dest.name, watches[id(gateway)], stall_s, clock)
 
-        drifts = list(await asyncio.gather(*(one(d) for d in chosen)))
+        try:
+            drifts = list(await asyncio.gather(*(one(d) for d in chosen)))
+            await restoring  # a failed restore fails the command, not one destination
+        finally:
+            if not restoring.done():
+                restoring.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await restoring
     for drift in drifts:
         if drift.failed is not None:
             log.error("reconcile_failed", destination=drift.name, reason=drift.failed)
@@ -459,7 +526,7 @@ async def reconcile(
         await send_repairs(kafka, topics, repairs)
         for drift in drifts:
             drift.repairs_sent = len(drift.repairs) if drift.failed is None else 0
-    return Outcome(drifts, clock() - started, dry_run)
+    return Outcome(drifts, clock() - started, dry_run, skipped)
 
 
 def render(outcome: Outcome) -> str:
@@ -484,6 +551,7 @@ def render(outcome: Outcome) -> str:
         f"cmsync reconcile: {len(outcome.drifts)} destination(s) in "
         f"{outcome.seconds:.1f} s ({what})",
     )
+    lines += [f"skipped {name}: {SKIPPED}" for name in outcome.skipped]
     lines += [f"FAILED {d.name}: {d.failed}" for d in outcome.failed]
     return "\n".join(lines)
 
