@@ -211,6 +211,7 @@ async def test_a_change_racing_a_repair_wins(
         [repair] = found.drifts[0].repairs
         topics = InternalTopics.of_group(h.group)
         kafka = h.settings().kafka.client_kwargs()
+        taken = repairs_taken("news", "reassert")
         async with running(h):
             if exit_first:
                 await h.produce([event(address("ada"), "exited", at_ms=T0 + 1000)])
@@ -219,7 +220,7 @@ async def test_a_change_racing_a_repair_wins(
             else:
                 await send_repairs(kafka, topics, [repair])
                 await h.produce([event(address("ada"), "exited", at_ms=T0 + 1000)])
-            await until(h, lambda: repairs_taken("news", "reassert") > 0, "the repair taken")
+            await until(h, lambda: repairs_taken("news", "reassert") > taken, "the repair taken")
             await h.wait_synced()
             await asyncio.sleep(1.0)  # several flush intervals: a wrong write would be out
         assert h.state_of("news", address("ada")) in (None, "Deleted")
