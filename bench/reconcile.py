@@ -203,6 +203,13 @@ async def run(members: int, rate: float) -> Result:
         command_s = time.monotonic() - t0
         stop_watching()
         listed = [x.arrived - t0 for x in served if x.endpoint == "members"]
+        handling = sorted(x.at - x.arrived for x in served if x.endpoint == "members")
+        if handling:
+            median, p90 = handling[len(handling) // 2], handling[int(len(handling) * 0.9)]
+            result.notes.append(
+                f"a listing page took the simulator {median * 1000:.0f} ms (median), "
+                f"{p90 * 1000:.0f} ms (p90) to answer"
+            )
         if listed:
             result.notes.append(
                 f"the command's first request {served[0].arrived - t0:.1f} s after its start; "
