@@ -400,12 +400,14 @@ async def _guarded(
     gateway: ApiGateway,
     name: str,
     watch: _Watch,
+    restoring: asyncio.Future[ExpectedState],
     stall_s: float,
     clock: Callable[[], float],
 ) -> DestinationDrift:
     """``work``'s result, or a failed drift when Campaign Monitor refuses the destination (the
     gateway stalls it) or nothing progressed for ``stall_s``: the gateway retries forever,
-    as the service must, but a job has to end."""
+    as the service must, but a job has to end. While the state is ``restoring`` the listing
+    may wait for it (read ahead, then paused): that is no stall."""
     while True:
         done, _ = await asyncio.wait({work}, timeout=WATCH_EVERY_S)
         if done:
@@ -413,6 +415,8 @@ async def _guarded(
                 return work.result()
             except ReconcileError as exc:
                 return DestinationDrift(name, failed=str(exc))
+        if not restoring.done():
+            watch.at = clock()
         reason = gateway.stalled_reason(name)
         if reason is None and clock() - watch.at > stall_s:
             reason = f"Campaign Monitor made no progress for {stall_s:.0f} s (retried meanwhile)"
@@ -503,7 +507,8 @@ async def reconcile(
             work = asyncio.create_task(
                 _compare(dest, gateway, consent, restoring, write_report, clock)
             )
-            return await _guarded(work, gateway, dest.name, watches[id(gateway)], stall_s, clock)
+            watch = watches[id(gateway)]
+            return await _guarded(work, gateway, dest.name, watch, restoring, stall_s, clock)
 
         try:
             drifts = list(await asyncio.gather(*(one(d) for d in chosen)))
