@@ -255,6 +255,31 @@ async def test_a_reconcile_that_died_while_sending_is_rerun_and_converges(
         assert sorted(writes) == sorted(address(p) for p in PEOPLE)  # each once
 
 
+async def test_a_reconcile_killed_while_reading_wrote_nothing_and_its_rerun_repairs(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """SIGKILL while the command reads the list: no repair was sent (they go out once every
+    list is read), and the next run does the whole job."""
+    async with SyncHarness(kafka_bootstrap, tmp_path, [Dest("news", "seg-a")]) as h, running(h):
+        await seed(h)
+        h.sim.forget(h.list_ids["news"], address("ada"))
+        proc = await spawn_command(h)
+
+        def kill(served: Served) -> None:
+            if served.endpoint == "members" and proc.returncode is None:
+                proc.kill()
+
+        stop = h.sim.observe(kill)
+        try:
+            assert await asyncio.wait_for(proc.wait(), 60) == -9
+        finally:
+            stop()
+        assert await claims_repairs(h) == []
+        code, _, err = await command(h)
+        assert code == 0, err
+        await until(h, lambda: h.state_of("news", address("ada")) == "Active", "ada repaired")
+
+
 async def test_an_unreachable_campaign_monitor_fails_the_destination_by_name(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -295,11 +320,11 @@ async def test_the_command_prints_counts_only_and_reports_addresses_where_asked(
         assert "--dry-run" in out
 
 
-async def command(h: SyncHarness, *args: str) -> tuple[int, str, str]:
-    """`cmsync reconcile ARGS` as a child process with the rig's environment."""
+async def spawn_command(h: SyncHarness, *args: str) -> asyncio.subprocess.Process:
+    """`cmsync reconcile ARGS` started as a child process with the rig's environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CMSYNC_")}
     env.update(h.env())
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "consumer",
@@ -309,6 +334,11 @@ async def command(h: SyncHarness, *args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def command(h: SyncHarness, *args: str) -> tuple[int, str, str]:
+    """`cmsync reconcile ARGS` run to its end: (exit code, stdout, stderr)."""
+    proc = await spawn_command(h, *args)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
