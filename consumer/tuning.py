@@ -128,11 +128,11 @@ SEND_RETRY_S: Final = 1.0
 
 #: Backfill (a destination added for a segment the state knows): members read and sent as
 #: claims per page, one checkpoint each; the next page waits until fewer than BACKFILL_AHEAD
-#: of the list's changes wait in this process (claims not yet taken, and its buffer): about
-#: ten imports ahead at the import floor, so imports stay full, while the claims of other
-#: lists never queue behind more than a page or two of backfill.
-BACKFILL_PAGE: Final = 2000
-BACKFILL_AHEAD: Final = 10_000
+#: of the list's changes wait in this process (claims not yet taken, and its buffer, besides
+#: the imports in flight): five imports ahead, so imports stay full, while the claims of other
+#: lists never queue behind more than that (about a second of stage 2).
+BACKFILL_PAGE: Final = 1000
+BACKFILL_AHEAD: Final = 5000
 #: A backfill page whose checkpoint failed is tried again after this long.
 BACKFILL_RETRY_S: Final = 1.0
 #: How often the service looks at the destinations file for a change (a mounted ConfigMap is
