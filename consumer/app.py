@@ -4,13 +4,15 @@ The pipeline (docs/architecture.md): the source reads the input and the claims t
 of the membership state (`consumer.state`) decides each input change and writes claims, stage
 2 turns claims into desired states per (list, address), which the destination buffers coalesce
 and the flushers send. Tasks owned by the TaskGroup: the fetch loop, one flusher per
-destination, the committer, the state's checkpointer. The HTTP server (metrics, health) lives
-beside them for the whole run. At start, the state's topics are checked (and created when
-missing and allowed); the state's stores are restored as partitions are assigned.
+destination, the committer, the state's checkpointer and the destinations file's watcher. The
+HTTP server (metrics, health) lives beside them for the whole run. At start, the state's
+topics are checked (and created when missing and allowed); the state's stores are restored as
+partitions are assigned, and the lists not fed yet are backfilled.
 
 Shutdown (SIGTERM/SIGINT, or `Service.stop()`), all inside CMSYNC_SHUTDOWN_BUDGET_S (a stop
 before the consumer started abandons the start instead: `run`):
-  1. stop fetching: the fetch loop ends at its next poll (≤ 200 ms);
+  1. stop fetching: the fetch loop ends at its next poll (≤ 200 ms); backfills stop (they
+     resume from their progress at the next start);
   2. drain: every flusher sends what it buffers without waiting for the flush interval, until
      nothing is held and all buffers are empty, or the budget (less a reserve for 3 and 4) is
      spent (the wait is woken by the releases of holds, `Intake.wait_until`: no polling);
@@ -18,6 +20,9 @@ before the consumer started abandons the start instead: `run`):
   4. close: cancel the dead letters in flight, leave the group, stop the producers, close the
      Campaign Monitor session, stop the HTTP server.
 A second signal skips to the end: the process exits at once, committing nothing more.
+
+SIGHUP, or a change of the destinations file, reloads it (`Service.reload`): flushers are added,
+stopped or reconfigured and the state takes the new routes, with no restart and no rebalance.
 
 A rebalance drains the same way, for the revoked partitions only and within REVOKE_BUDGET_S,
 before the source commits them (`_on_revoked`): the desired states of revoked claims
@@ -511,8 +516,7 @@ class Service:
             self._destinations_text = self._read_destinations()
             problems: list[str] = []
             loaded = load_destinations(self.settings.destinations_file, self._env, problems)
-            refused = loaded is None or bool(problems)
-            obs.destinations_refused.set(refused)
+            obs.destinations_refused.set(loaded is None or bool(problems))
             if loaded is None or problems:
                 obs.config_reloads.labels(outcome="refused").inc()
                 log.error("destinations_reload_refused", problems=problems)

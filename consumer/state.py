@@ -427,6 +427,8 @@ class MembershipState:
         pairs = routing.pairs
         for partition, room in list(self._members.items()):
             async with room.lock:
+                if self._members.get(partition) is not room:
+                    continue  # revoked meanwhile: its store is closed
                 stage = room.stage
                 assert isinstance(stage, StageOne)
                 stage.reconfigure(routing.lists_of, routing.fields_of_list)
@@ -439,6 +441,8 @@ class MembershipState:
         now_ms = int(self._wall_clock() * 1000)
         for q, room in list(self._addresses.items()):
             async with room.lock:
+                if self._addresses.get(q) is not room:
+                    continue  # revoked meanwhile: its store is closed
                 stage_two = room.stage
                 assert isinstance(stage_two, StageTwo)
                 changed = stage_two.refit(routing.routes)
