@@ -572,12 +572,15 @@ class Recorder:
         self.writes: list[tuple[float, str]] = []  # (monotonic after applying, endpoint)
         self.per_address = per_address
         self.address_writes: list[tuple[float, str, str]] = []  # (wall, endpoint, address)
+        self.list_writes: dict[tuple[str, str], int] = {}  # (endpoint, list) -> requests
         sim.observe(self._served)
 
     def _served(self, served: Served) -> None:
         if not served.handled or served.endpoint not in WRITE_ENDPOINTS:
             return
         self.writes.append((served.at, served.endpoint))
+        key = (served.endpoint, served.list_id)
+        self.list_writes[key] = self.list_writes.get(key, 0) + 1
         if self.per_address:
             for address in served.addresses:
                 self.address_writes.append((served.wall, served.endpoint, address))

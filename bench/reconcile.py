@@ -1,4 +1,4 @@
-"""Scenario 9, reconcile (issue 12): a list of 1,000,000 members with 1 % drift, repaired by
+"""Scenario 10, reconcile (issue 12): a list of 1,000,000 members with 1 % drift, repaired by
 `cmsync reconcile` through the running service at 10 requests/s.
 
 The drift: 0.5 % of the members missing from the list, 0.4 % with a custom field changed by
@@ -158,7 +158,7 @@ async def run(members: int, rate: float) -> Result:
     started = time.monotonic()
     result = Result(
         "reconcile",
-        f"9. reconcile: {members:,} members, 1 % drift, {rate:g} requests/s",
+        f"10. reconcile: {members:,} members, 1 % drift, {rate:g} requests/s",
     )
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(quiet_collector())
@@ -304,7 +304,7 @@ async def scenario(args: argparse.Namespace) -> list[Result]:
 
 main = main_of(
     "python -m bench.reconcile",
-    "Scenario 9: reconcile a list with 1 % drift.",
+    "Scenario 10: reconcile a list with 1 % drift.",
     add_arguments,
     scenario,
 )

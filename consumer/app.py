@@ -4,13 +4,15 @@ The pipeline (docs/architecture.md): the source reads the input and the claims t
 of the membership state (`consumer.state`) decides each input change and writes claims, stage
 2 turns claims into desired states per (list, address), which the destination buffers coalesce
 and the flushers send. Tasks owned by the TaskGroup: the fetch loop, one flusher per
-destination, the committer, the state's checkpointer. The HTTP server (metrics, health) lives
-beside them for the whole run. At start, the state's topics are checked (and created when
-missing and allowed); the state's stores are restored as partitions are assigned.
+destination, the committer, the state's checkpointer and the destinations file's watcher. The
+HTTP server (metrics, health) lives beside them for the whole run. At start, the state's
+topics are checked (and created when missing and allowed); the state's stores are restored as
+partitions are assigned, and the lists not fed yet are backfilled.
 
 Shutdown (SIGTERM/SIGINT, or `Service.stop()`), all inside CMSYNC_SHUTDOWN_BUDGET_S (a stop
 before the consumer started abandons the start instead: `run`):
-  1. stop fetching: the fetch loop ends at its next poll (≤ 200 ms);
+  1. stop fetching: the fetch loop ends at its next poll (≤ 200 ms); backfills stop (they
+     resume from their progress at the next start);
   2. drain: every flusher sends what it buffers without waiting for the flush interval, until
      nothing is held and all buffers are empty, or the budget (less a reserve for 3 and 4) is
      spent (the wait is woken by the releases of holds, `Intake.wait_until`: no polling);
@@ -18,6 +20,9 @@ before the consumer started abandons the start instead: `run`):
   4. close: cancel the dead letters in flight, leave the group, stop the producers, close the
      Campaign Monitor session, stop the HTTP server.
 A second signal skips to the end: the process exits at once, committing nothing more.
+
+SIGHUP, or a change of the destinations file, reloads it (`Service.reload`): flushers are added,
+stopped or reconfigured and the state takes the new routes, with no restart and no rebalance.
 
 A rebalance drains the same way, for the revoked partitions only and within REVOKE_BUDGET_S,
 before the source commits them (`_on_revoked`): the desired states of revoked claims
@@ -31,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import gc
 import os
@@ -39,7 +45,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +57,9 @@ from consumer import observability as obs
 from consumer.buffer import AppliedMemory, DestinationBuffer
 from consumer.consent import ConsentBook
 from consumer.deadletter import DeadLetterQueue
+from consumer.destinations import load_destinations
 from consumer.flusher import REMOVAL_BATCH_SIZE, DestinationFlusher
-from consumer.gateway import gateways_for
+from consumer.gateway import ApiGateway, gateways_for
 from consumer.intake import Intake
 from consumer.listsettings import read_list_check
 from consumer.membership.changelog import (
@@ -73,6 +80,7 @@ from consumer.tuning import (
     INPUT_TOPIC_RETRY_S,
     MALLOC_ARENAS,
     READ_BACK_FETCH_BYTES,
+    RELOAD_POLL_S,
     REVOKE_BUDGET_S,
     STATE_LINGER_MS,
 )
@@ -147,7 +155,16 @@ class Service:
     per instance.
     """
 
-    def __init__(self, settings: Settings, *, commit_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        commit_interval_s: float = 1.0,
+        env: Mapping[str, str] = os.environ,
+    ) -> None:
+        """``env``: where a reload of the destinations file reads the API keys it names (the
+        environment the settings came from)."""
+        self._env = env
         self._withheld = [d.name for d in settings.destinations if not d.sends]
         self.settings = settings
         self._commit_interval_s = commit_interval_s
@@ -160,7 +177,16 @@ class Service:
         self._state: MembershipState | None = None
         self._flushers: list[DestinationFlusher] = []
         self._buffers: list[DestinationBuffer] = []
+        self._targets: dict[str, Target] = {}  # by destination name
+        self._gateways: dict[str, ApiGateway] = {}  # by destination name
+        self._gateways_by_key: dict[str, ApiGateway] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._consent: ConsentBook
         self._tasks: list[asyncio.Task[None]] = []
+        self._flusher_tasks: dict[str, asyncio.Task[None]] = {}  # by destination name
+        self._group: asyncio.TaskGroup | None = None
+        self._reloading = asyncio.Lock()
+        self._destinations_text: bytes | None = None  # the file as last read
         self._draining = False
         self._deadline: float | None = None  # end of the shutdown budget, once stopping
         self._started = False  # the consumer started: a stop goes the graceful way
@@ -191,13 +217,8 @@ class Service:
 
     def _build_flushers(self, session: aiohttp.ClientSession) -> list[Target]:
         s = self.settings
-        state = self.state
-        gateways = gateways_for(
-            s.destinations,
-            base_url=s.cm_base_url,
-            rate_limit_rps=s.rate_limit_rps,
-            session=session,
-        )
+        self._session = session
+        gateways = self._gateways_for(s.destinations)
         obs.init_labels(
             topic=s.kafka.topic,
             destinations=[d.name for d in sending(s.destinations)],
@@ -205,39 +226,61 @@ class Service:
             flush_interval_s=s.flush_interval_s,
         )
         obs.max_pending.set(s.max_pending)
-        consent = ConsentBook(gateways, refresh_s=s.consent_refresh_s)
+        self._consent = ConsentBook(self._gateways, refresh_s=s.consent_refresh_s)
         obs.max_pending_bytes.set(s.max_pending_bytes)
         obs.pending_bytes.labels(destination=obs.NO_DESTINATION).set_function(
             self.intake.letter_bytes
         )
-        targets = []
         for dest in sending(s.destinations):
-            gateway = gateways[dest.name]
-            buffer = DestinationBuffer(
-                dest.name,
-                self.applied,
-                flush_interval_s=s.flush_interval_s,
-                max_removals=REMOVAL_BATCH_SIZE,
-            )
-            flusher = DestinationFlusher(
-                destination=dest,
-                buffer=buffer,
-                gateway=gateway,
-                consent=consent.for_destination(dest),
-                dead_letters=self._dlq,
-                release=state.release,
-                source_topic=s.kafka.topic,
-                on_applied=state.record_applied,
-                original=state.original,
-                before_send=state.mark_sending,
-                removed_by_sync=state.removed_by_sync,
-                list_settings=functools.partial(read_list_check, gateway, dest),
-            )
-            self._flushers.append(flusher)
-            self._buffers.append(buffer)
-            obs.pending_bytes.labels(destination=dest.name).set_function(buffer.pending_bytes)
-            targets.append(Target(dest, buffer, flusher.wake))
-        return targets
+            self._add_flusher(dest)
+        return list(self._targets.values())
+
+    def _gateways_for(self, destinations: Iterable[Destination]) -> Mapping[str, ApiGateway]:
+        """The gateways of these destinations, by name (one per API key for the whole run: a
+        reload reuses the gateway, and so the rate limiter, of a key already in use)."""
+        s = self.settings
+        gateways = gateways_for(
+            destinations,
+            base_url=s.cm_base_url,
+            rate_limit_rps=s.rate_limit_rps,
+            session=self._session,
+            by_key=self._gateways_by_key,
+        )
+        self._gateways.update(gateways)
+        return gateways
+
+    def _add_flusher(self, dest: Destination) -> DestinationFlusher:
+        """A buffer and a flusher for one destination that sends (its task is started by
+        `_serve`, or by `reload` for a destination added while running)."""
+        s = self.settings
+        state = self.state
+        gateway = self._gateways[dest.name]
+        buffer = DestinationBuffer(
+            dest.name,
+            self.applied,
+            flush_interval_s=s.flush_interval_s,
+            max_removals=REMOVAL_BATCH_SIZE,
+        )
+        flusher = DestinationFlusher(
+            destination=dest,
+            buffer=buffer,
+            gateway=gateway,
+            consent=self._consent.for_destination(dest),
+            dead_letters=self._dlq,
+            release=state.release,
+            source_topic=s.kafka.topic,
+            on_applied=state.record_applied,
+            original=state.original,
+            before_send=state.mark_sending,
+            removed_by_sync=state.removed_by_sync,
+            list_settings=functools.partial(read_list_check, gateway, dest),
+        )
+        flusher.backfilling = functools.partial(state.backfilling, dest.list_id)
+        self._flushers.append(flusher)
+        self._buffers.append(buffer)
+        obs.pending_bytes.labels(destination=dest.name).set_function(buffer.pending_bytes)
+        self._targets[dest.name] = Target(dest, buffer, flusher.wake)
+        return flusher
 
     async def _handle(
         self, topic: str, partition: int, records: Sequence[ConsumerRecord[Any, Any]]
@@ -262,10 +305,13 @@ class Service:
 
     def pending(self) -> int:
         """Everything not yet applied or dead-lettered that this process knows of: what
-        backpressure counts, and the claims it wrote to its own partitions and has not taken
-        yet (tests and benchmarks wait for 0)."""
-        unread = 0 if self._state is None else self._state.claims_unread()
-        return self._outstanding() + unread
+        backpressure counts, the claims it wrote to its own partitions and has not taken yet,
+        its backfills under way, and one while a restore runs (what it owes and backfills is
+        not known before it ends). Tests and benchmarks wait for 0."""
+        state = self._state
+        if state is None:
+            return self._outstanding()
+        return self._outstanding() + state.claims_unread() + state.backfills() + state.restoring
 
     # ---------------------------------------------------------------- rebalance
 
@@ -316,7 +362,8 @@ class Service:
 
     def liveness(self) -> tuple[bool, str]:
         """(alive, reason) for /healthz: every long-running task still runs, or we stop."""
-        dead = [t.get_name() for t in self._tasks if t.done()]
+        tasks = [*self._tasks, *self._flusher_tasks.values()]
+        dead = [t.get_name() for t in tasks if t.done()]
         if dead and not self._stopping.is_set():
             return False, f"tasks ended: {', '.join(dead)}"
         return True, "ok"
@@ -393,22 +440,24 @@ class Service:
                     group=self.settings.kafka.group_id,
                 )
                 async with asyncio.TaskGroup() as tg:
+                    self._group = tg
                     fetch = tg.create_task(self.source.fetch_loop(self._stopping), name="fetch")
-                    flushers = [
-                        tg.create_task(f.run(), name=f"flush:{f.destination.name}")
-                        for f in self._flushers
-                    ]
+                    for flusher in self._flushers:
+                        self._start_flusher(flusher)
                     committer = tg.create_task(
                         self.source.commit_loop(self._commit_interval_s), name="commit"
                     )
                     checkpointer = tg.create_task(
                         self.state.checkpoint_loop(self._commit_interval_s), name="checkpoint"
                     )
-                    self._tasks = [fetch, *flushers, committer, checkpointer]
+                    watcher = tg.create_task(self._watch_destinations(), name="reload")
+                    self._tasks = [fetch, committer, checkpointer, watcher]
                     await self._stopping.wait()
                     deadline = self._deadline = time.monotonic() + budget
-                    # 1. stop fetching
+                    # 1. stop fetching (and backfilling, and reloading)
+                    watcher.cancel()
                     await fetch
+                    await self.state.stop_backfills()
                     # 2. drain
                     self._draining = True
                     for flusher in self._flushers:
@@ -419,7 +468,7 @@ class Service:
                         await asyncio.wait_for(
                             self.source.commit(), max(0.5, deadline - time.monotonic() - 1)
                         )
-                    for task in [*flushers, committer, checkpointer]:
+                    for task in [*self._flusher_tasks.values(), committer, checkpointer]:
                         task.cancel()
                 await self._within_budget(self.state.close)
             finally:
@@ -427,6 +476,107 @@ class Service:
                 # the producers and the session; then the HTTP server)
                 self.intake.close()
                 await self._within_budget(self.source.stop)
+
+    # ---------------------------------------------------------------- reload
+
+    def _start_flusher(self, flusher: DestinationFlusher) -> None:
+        assert self._group is not None
+        name = flusher.destination.name
+        self._flusher_tasks[name] = self._group.create_task(flusher.run(), name=f"flush:{name}")
+
+    def request_reload(self) -> None:
+        """Read the destinations file again now (SIGHUP)."""
+        if self._group is not None and not self._stopping.is_set():
+            self._group.create_task(self.reload(forced=True), name="reload:signal")
+
+    async def _watch_destinations(self) -> None:
+        """Reload the destinations file whenever its content changes (a mounted ConfigMap is
+        replaced in place), looked at every RELOAD_POLL_S."""
+        self._destinations_text = self._read_destinations()
+        while True:
+            await asyncio.sleep(RELOAD_POLL_S)
+            text = self._read_destinations()
+            if text is not None and text != self._destinations_text:
+                await self.reload()
+
+    def _read_destinations(self) -> bytes | None:
+        with contextlib.suppress(OSError):  # gone for a moment: looked at again next time
+            return Path(self.settings.destinations_file).read_bytes()
+        return None
+
+    async def reload(self, *, forced: bool = False) -> None:
+        """Take the destinations file as it is now, without a restart or a rebalance (issue
+        12): added destinations get a flusher and their lists are backfilled; removed ones
+        stop writing at once (their buffered changes dropped, their positions released, their
+        series removed); changed ones take effect for the next batch (their list's settings
+        read again). An invalid file is refused (a log line, `cmsync_config_reloads`
+        {outcome="refused"}) and the running configuration stays. ``forced`` (SIGHUP): also
+        read the settings of held lists again, even if the file did not change."""
+        async with self._reloading:
+            self._destinations_text = self._read_destinations()
+            problems: list[str] = []
+            loaded = load_destinations(self.settings.destinations_file, self._env, problems)
+            obs.destinations_refused.set(loaded is None or bool(problems))
+            if loaded is None or problems:
+                obs.config_reloads.labels(outcome="refused").inc()
+                log.error("destinations_reload_refused", problems=problems)
+                return
+            old = {d.name: d for d in self.settings.destinations}
+            new = {d.name: d for d in loaded.destinations}
+            if old == new:
+                obs.config_reloads.labels(outcome="unchanged").inc()
+                if forced:
+                    for flusher in self._flushers:
+                        if flusher.stalled_reason is not None:
+                            flusher.recheck()
+                return
+            self.settings = dataclasses.replace(self.settings, destinations=loaded.destinations)
+            was = {d.name: d for d in sending(old.values())}
+            now = {d.name: d for d in sending(new.values())}
+            gone = [n for n, d in was.items() if n not in now or now[n].list_id != d.list_id]
+            came = [n for n, d in now.items() if n not in was or was[n].list_id != d.list_id]
+            changed = [n for n, d in now.items() if n in was and n not in came and was[n] != d]
+            for name in gone:
+                await self._remove_flusher(name)
+            gateways = self._gateways_for(now.values())
+            for flusher in self._flushers:
+                name = flusher.destination.name
+                if name in changed:
+                    dest = now[name]
+                    flusher.reconfigure(
+                        dest,
+                        gateway=gateways[name],
+                        consent=self._consent.for_destination(dest),
+                        list_settings=functools.partial(read_list_check, gateways[name], dest),
+                    )
+            obs.init_destination_labels(came)
+            for name in came:
+                self._start_flusher(self._add_flusher(now[name]))
+            self.state.set_targets(self._targets.values())
+            await self.state.reconfigure(loaded.destinations)
+            obs.config_reloads.labels(outcome="applied").inc()
+            log.info(
+                "destinations_reloaded",
+                added=sorted(set(new) - set(old)),
+                removed=sorted(set(old) - set(new)),
+                changed=sorted(n for n in set(old) & set(new) if old[n] != new[n]),
+            )
+
+    async def _remove_flusher(self, name: str) -> None:
+        """Stop writing to a destination at once: its flusher stopped (requests under way are
+        cancelled), everything its buffer holds dropped and released, its series removed."""
+        task = self._flusher_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        flusher = next(f for f in self._flushers if f.destination.name == name)
+        target = self._targets.pop(name)
+        self._flushers.remove(flusher)
+        self._buffers.remove(target.buffer)
+        self._gateways.pop(name, None)
+        self.state.set_targets(self._targets.values())
+        self.state.release(target.buffer.abandon())
+        obs.forget_destination(name)
 
     async def _internal_topics(self) -> bool:
         """Check (and create, unless CMSYNC_INTERNAL_TOPICS=require) the state's topics. While
@@ -497,6 +647,7 @@ class Service:
                 reader=reader,
                 input_topic=self.settings.kafka.topic,
                 intake=self.intake,
+                keep=self.settings.state_keep,
             )
             self._state.set_targets(self._build_flushers(session))
             try:
@@ -568,12 +719,17 @@ async def run_until_signalled(settings: Settings) -> None:
             if main is not None:
                 main.cancel()
 
+    def on_hangup() -> None:
+        log.info("reload_requested", signal="SIGHUP")
+        service.request_reload()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await service.run()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
 

@@ -676,6 +676,16 @@ class DestinationBuffer:
                 released.extend(entry.holds)
         return released  # their heap items are stale now and discarded by `_top`
 
+    def abandon(self) -> list[Position]:
+        """Drop everything, in flight included (the destination was removed: nothing more is
+        written to its list, and its flusher was stopped); returns every position held."""
+        released = self.discard(lambda _: True)
+        for entry in self._in_flight.values():
+            released.extend(entry.holds)
+        self._in_flight.clear()
+        self._bytes = 0
+        return released
+
     def drained(self) -> bool:
         """Nothing buffered, nothing in flight."""
         return not self._buffered and not self._in_flight

@@ -56,8 +56,10 @@ from consumer.rows import event_time_ms, row_of, view_of
 from consumer.settings import Destination
 from consumer.tuning import (
     ADDRESS_HOLD_S,
+    BACKFILL_PRIORITY,
     BATCHES_IN_FLIGHT,
     IDLE_WAIT_S,
+    IMPORT_PRIORITY,
     MIN_WAIT_S,
     REMOVAL_BATCH_SIZE,
     REMOVAL_BATCHES_IN_FLIGHT,
@@ -89,7 +91,13 @@ class Gateway(Protocol):
     `AddressThrottled` when one address was written too often)."""
 
     async def import_subscribers(
-        self, list_id: str, rows: Sequence[SubscriberRow], *, resubscribe: bool, destination: str
+        self,
+        list_id: str,
+        rows: Sequence[SubscriberRow],
+        *,
+        resubscribe: bool,
+        destination: str,
+        priority: int = IMPORT_PRIORITY,
     ) -> ImportResult: ...
 
     async def remove(
@@ -171,12 +179,16 @@ class DestinationFlusher:
         self._removed_by_sync = removed_by_sync
         self._list_settings = list_settings
         self._held: str | None = None  # why the list's settings forbid writing to it
+        self._recheck = True  # read and judge the list's settings before the next batch
         self._types: Mapping[str, FieldType] | None = None
         self._clock = clock
         self._wall_clock = wall_clock
         self._wakeup = asyncio.Event()
         self._draining = False
         self._holds: set[asyncio.TimerHandle] = set()  # see `_hold_back`
+        #: whether the list is being backfilled here (its imports then wait behind the live
+        #: changes of other lists: `BACKFILL_PRIORITY`); set by the service
+        self.backfilling: Callable[[], bool] = lambda: False
 
     # ---------------------------------------------------------------- the service's surface
 
@@ -220,8 +232,6 @@ class DestinationFlusher:
         obs.pending_changes.labels(destination=name).set_function(
             lambda: buffer.pending() + buffer.in_flight()
         )
-        if self._list_settings is not None and not await self._check_list():
-            await asyncio.Future()  # held: nothing is sent until the process restarts
         going = [0, 0]  # in flight: [removal batches, imports]
 
         def finished(kind: int) -> Callable[[asyncio.Task[None]], None]:
@@ -244,9 +254,20 @@ class DestinationFlusher:
         finished: Callable[[int], Callable[[asyncio.Task[None]], None]],
     ) -> None:
         async with asyncio.TaskGroup() as tasks:
-            if self._destination.resubscribe != "always":  # the only policy that never asks
-                tasks.create_task(self._consent.warm())
+            warming = False
             while True:
+                if self._recheck:
+                    self._recheck = False
+                    if not await self._check_list():
+                        # held: nothing is sent until a reload changes the destination or
+                        # asks again (SIGHUP), or the process restarts
+                        while not self._recheck:
+                            self._wakeup.clear()
+                            await self._wakeup.wait()
+                        continue
+                if not warming and self._destination.resubscribe != "always":
+                    warming = True  # the only policy that never asks
+                    tasks.create_task(self._consent.warm())
                 now = self._clock()
                 adds = going[1] < BATCHES_IN_FLIGHT
                 removal_room = BATCHES_IN_FLIGHT if self._draining else REMOVAL_BATCHES_IN_FLIGHT
@@ -280,17 +301,22 @@ class DestinationFlusher:
                     task.add_done_callback(finished(0))
 
     async def _check_list(self) -> bool:
-        """Read and judge the list's settings (once, before the first write): log the warnings,
-        keep the field types; False (logged once, `cmsync_destination_up` 0) when the
-        destination is held."""
-        assert self._list_settings is not None
+        """Read and judge the list's settings (before the first write, and again after a
+        reload): log the warnings, keep the field types; False (logged once,
+        `cmsync_destination_up` 0) when the destination is held."""
         name = self._destination.name
+        if self._list_settings is None:
+            return True
         check = await self._list_settings()
         for warning in check.warnings:
             log.warning("list_settings_warning", destination=name, warning=warning)
         self._types = check.types
         held = check.held_reason
         if held is None:
+            if self._held is not None:
+                log.info("destination_released", destination=name)
+                obs.destination_up.labels(destination=name).set(1)
+            self._held = None
             return True
         self._held = held
         obs.destination_up.labels(destination=name).set(0)
@@ -298,10 +324,34 @@ class DestinationFlusher:
             "destination_held",
             destination=name,
             reason=held,
-            hint="change the list or the destinations file, then restart; the list's changes "
-            "stay owed in the membership state meanwhile",
+            hint="change the list, then send SIGHUP to the process (or restart it); or change "
+            "the destinations file; the list's changes stay owed in the membership state "
+            "meanwhile",
         )
         return False
+
+    def reconfigure(
+        self,
+        destination: Destination,
+        *,
+        gateway: Gateway,
+        consent: ConsentCheck,
+        list_settings: Callable[[], Awaitable[ListCheck]] | None,
+    ) -> None:
+        """The destination changed in the destinations file (same name, same list): the next
+        batches go with the new settings, its list's settings are read and judged again.
+        Requests under way finish as they were sent."""
+        self._destination = destination
+        self._gateway = gateway
+        self._consent = consent
+        self._list_settings = list_settings
+        self.recheck()
+
+    def recheck(self) -> None:
+        """Read and judge the list's settings again before the next batch (a held destination
+        whose list was fixed goes on: SIGHUP)."""
+        self._recheck = True
+        self._wakeup.set()
 
     # ---------------------------------------------------------------- one batch
 
@@ -427,7 +477,11 @@ class DestinationFlusher:
             return 0, dead
         try:
             result = await self._gateway.import_subscribers(
-                dest.list_id, rows, resubscribe=resubscribe, destination=dest.name
+                dest.list_id,
+                rows,
+                resubscribe=resubscribe,
+                destination=dest.name,
+                priority=BACKFILL_PRIORITY if self.backfilling() else IMPORT_PRIORITY,
             )
         except AddressThrottled:
             fit = list(by_email.values())  # the unfit ones are dead-lettered already

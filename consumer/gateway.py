@@ -174,14 +174,20 @@ class ApiGateway:
                 return result
 
     async def import_subscribers(
-        self, list_id: str, rows: Sequence[SubscriberRow], *, resubscribe: bool, destination: str
+        self,
+        list_id: str,
+        rows: Sequence[SubscriberRow],
+        *,
+        resubscribe: bool,
+        destination: str,
+        priority: int = IMPORT_PRIORITY,
     ) -> ImportResult:
         """Bulk import (≤ 1000 rows) for the flusher: `CampaignMonitorClient.import_subscribers`
-        at import priority."""
+        at import priority (or the backfill's, lower)."""
         return await self.call(
             lambda client: client.import_subscribers(list_id, rows, resubscribe=resubscribe),
             destination=destination,
-            priority=IMPORT_PRIORITY,
+            priority=priority,
         )
 
     async def remove(
@@ -358,13 +364,16 @@ def gateways_for(
     rate_limit_rps: float,
     session: aiohttp.ClientSession | None,
     clock: Callable[[], float] = time.monotonic,
+    by_key: dict[str, ApiGateway] | None = None,
 ) -> Mapping[str, ApiGateway]:
     """The gateway of each destination, by destination name: one per API key value, named
-    (in metrics) after the first variable holding it. Caller: the service, at start.
+    (in metrics) after the first variable holding it. Caller: the service, at start and on a
+    reload, with its ``by_key`` (the gateways made so far, by key value: reused, and the new
+    ones added), so that one key keeps one rate limiter for the whole run.
 
     ``session`` is shared by every client and stays the caller's to close.
     """
-    by_key: dict[str, ApiGateway] = {}
+    by_key = {} if by_key is None else by_key
     by_destination: dict[str, ApiGateway] = {}
     for dest in destinations:
         key = dest.api_key.reveal()

@@ -330,6 +330,33 @@ state_checkpoint_failures: Final = Counter(
     ["store"],
     registry=REGISTRY,
 )
+backfill_members: Final = Counter(
+    "cmsync_backfill_members",
+    "Members of a segment sent to fill a list added later (a destination added for a segment"
+    " the state knows), counted as their claims are durable.",
+    ["destination"],
+    registry=REGISTRY,
+)
+backfills_running: Final = Gauge(
+    "cmsync_backfills_running",
+    "Backfills under way in this process: one per (input partition, segment) of a destination"
+    " being filled; 0 once its list holds the segment's members.",
+    ["destination"],
+    registry=REGISTRY,
+)
+config_reloads: Final = Counter(
+    "cmsync_config_reloads",
+    "Reloads of the destinations file (a change seen, or SIGHUP): applied, unchanged, or"
+    " refused (invalid: the running configuration stays, the log says why).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+destinations_refused: Final = Gauge(
+    "cmsync_destinations_file_refused",
+    "1 while the destinations file as it is now was refused by a reload (invalid: the"
+    " process runs the configuration it had before), else 0.",
+    registry=REGISTRY,
+)
 committed_offset: Final = Gauge(
     "cmsync_committed_offset",
     "Last offset committed for a partition owned by this process.",
@@ -350,6 +377,7 @@ build_info.info({"version": __version__, "python": sys.version.split()[0]})
 #: alert rules sees the first occurrence (a series born at 1 has no increase).
 INVALID_REASONS: Final = ("invalid_json", "schema", "too_large", "invalid_encoding", "empty")
 SKIP_REASONS: Final = ("no_destination", "late", "duplicate", "consent")
+RELOAD_OUTCOMES: Final = ("applied", "unchanged", "refused")
 #: Dead-letter reasons of a record that reached a destination (labelled with its name); the
 #: INVALID_REASONS come before routing (labelled with destination "").
 DESTINATION_DEAD_LETTER_REASONS: Final = (
@@ -389,7 +417,20 @@ def init_labels(
     for reason in DEAD_LETTER_FAILURE_REASONS:
         dead_letters_shortened.labels(reason=reason)
         dead_letters_failed.labels(reason=reason)
+    for outcome in RELOAD_OUTCOMES:
+        config_reloads.labels(outcome=outcome)
+    init_destination_labels(destinations)
+    for key in api_keys:
+        api_throttled.labels(api_key=key)
+        address_throttled.labels(api_key=key)
+
+
+def init_destination_labels(destinations: Iterable[str]) -> None:
+    """Create the label combinations of these destinations at zero (at start, and for the
+    destinations a reload adds)."""
     for name in destinations:
+        backfill_members.labels(destination=name)
+        backfills_running.labels(destination=name)
         for reason in DESTINATION_DEAD_LETTER_REASONS:
             dead_letters.labels(reason=reason, destination=name)
         pending_changes.labels(destination=name).set(0)
@@ -403,9 +444,27 @@ def init_labels(
             applied_changes.labels(destination=name, kind=kind)
         for kind in REPAIR_KINDS:
             drift_repairs.labels(destination=name, kind=kind)
-    for key in api_keys:
-        api_throttled.labels(api_key=key)
-        address_throttled.labels(api_key=key)
+
+
+def forget_destination(name: str) -> None:
+    """Drop every series of a destination the destinations file no longer has (a reload)."""
+    # prometheus_client has no public way to list a registry's metrics or their label names;
+    # these private attributes have been stable since 0.4.
+    for collector in list(REGISTRY._collector_to_names):
+        labelnames = getattr(collector, "_labelnames", ())
+        if "destination" not in labelnames:
+            continue
+        where = labelnames.index("destination")
+        combos = {
+            tuple(sample.labels[label] for label in labelnames)
+            for metric in collector.collect()
+            for sample in metric.samples
+            if sample.labels.get("destination") == name
+        }
+        for values in combos:
+            if values[where] == name:
+                with contextlib.suppress(KeyError):
+                    collector.remove(*values)  # type: ignore[attr-defined]
 
 
 def forget_partition(topic: str, partition: int) -> None:

@@ -244,6 +244,15 @@ class Settings:
         "where the local membership state lives (default: a fresh temporary directory); a "
         "cache of the changelog topics, rebuilt from them when empty",
     )
+    state_keep: str = setting(
+        "CMSYNC_STATE_KEEP",
+        one_of("everything", "configured"),
+        "everything",
+        "everything: the state keeps every segment on the topic with every profile field, so "
+        "a destination added later is filled exactly; configured: only the segments and "
+        "fields the destinations name (a smaller state; a later destination for another "
+        "segment starts empty) (extension)",
+    )
     internal_topics: str = setting(
         "CMSYNC_INTERNAL_TOPICS",
         one_of("create", "require"),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,15 +52,20 @@ from consumer.intake import Intake
 from consumer.membership import changelog
 from consumer.membership.changelog import InternalTopics
 from consumer.membership.codec import decode_claims_record
-from consumer.membership.model import Applied, Desired, ProfileChange, Repair
+from consumer.membership.model import Applied, Desired, Filled, ProfileChange, Repair
 from consumer.membership.stages import Durable, StageOne, StageTwo
 from consumer.rows import Wanted, payload_bytes, view_of, wanted
 from consumer.settings import Destination
 from consumer.source import ReadAgain
+from consumer.tuning import BACKFILL_AHEAD, BACKFILL_PAGE, BACKFILL_RETRY_S
 
 __all__ = ["MembershipState", "Target"]
 
 log = structlog.get_logger("cmsync.state")
+
+#: The profile field the address of a segment no destination names is read from (kept for a
+#: destination added later, `CMSYNC_STATE_KEEP=everything`): the contract's example field.
+UNCONFIGURED_EMAIL_FIELD: Final = "email"
 
 #: How long reading one record back may take before a dead letter goes without it.
 READ_BACK_TIMEOUT_MS: Final = 5000
@@ -102,6 +108,62 @@ class RecordReader:
         return records[0] if records and records[0].offset == offset else None
 
 
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """What the destinations file says to the membership state: which lists each segment
+    feeds, with which profile fields. Every configured destination counts, those that send
+    nothing included (their lists stay owed in the state)."""
+
+    lists_of: dict[str, list[str]]  # segment -> lists it feeds
+    email_field: dict[str, str]  # segment -> profile field of the address (one: check-config)
+    fields_of: dict[str, tuple[str, ...]]  # segment -> profile fields its lists map
+    names_of: dict[str, str]  # segment -> its destinations' names, for dead letters
+    fields_of_list: dict[str, list[str]]  # list -> profile fields it maps
+    name_of_list: dict[str, str]  # list -> its destination's name (one per list: check-config)
+
+    @classmethod
+    def of(cls, destinations: Iterable[Destination]) -> Routing:
+        lists_of: dict[str, list[str]] = {}
+        email_field: dict[str, str] = {}
+        fields_of: dict[str, dict[str, None]] = {}
+        names_of: dict[str, str] = {}
+        fields_of_list: dict[str, list[str]] = {}
+        name_of_list: dict[str, str] = {}
+        for dest in destinations:
+            mapped = [f for _, f in dest.custom_fields]
+            if dest.name_field:
+                mapped.append(dest.name_field)
+            fields_of_list[dest.list_id] = mapped
+            name_of_list[dest.list_id] = dest.name
+            for segment in dest.segment_ids:
+                lists_of.setdefault(segment, []).append(dest.list_id)
+                email_field[segment] = dest.email_field
+                fields_of.setdefault(segment, {}).update(dict.fromkeys(mapped))
+                names = names_of.get(segment)
+                names_of[segment] = dest.name if names is None else f"{names},{dest.name}"
+        return cls(
+            lists_of,
+            email_field,
+            {segment: tuple(f) for segment, f in fields_of.items()},
+            names_of,
+            fields_of_list,
+            name_of_list,
+        )
+
+    @property
+    def pairs(self) -> set[tuple[str, str]]:
+        """Every (segment, list) fed."""
+        return {(s, list_id) for s, lists in self.lists_of.items() for list_id in lists}
+
+    @property
+    def routes(self) -> dict[str, frozenset[str]]:
+        """Per list, the segments feeding it."""
+        routes: dict[str, set[str]] = {}
+        for segment, list_id in self.pairs:
+            routes.setdefault(list_id, set()).add(segment)
+        return {list_id: frozenset(segments) for list_id, segments in routes.items()}
+
+
 @dataclass(slots=True)
 class _Room:
     """One stage's state of one partition, and the lock of its mutations and checkpoints."""
@@ -126,10 +188,15 @@ class MembershipState:
         reader: AIOKafkaConsumer,
         input_topic: str,
         intake: Intake,
+        keep: str = "everything",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``keep``: ``CMSYNC_STATE_KEEP`` (``everything``: every segment on the topic with
+        every profile field, so that a destination added later is filled exactly;
+        ``configured``: only what the destinations name)."""
         self.topics = topics
+        self._keep_all = keep == "everything"
         self._dir = state_dir
         self._producer = producer
         self._restorer = restorer
@@ -140,29 +207,14 @@ class MembershipState:
         self._clock = clock
         self._wall_clock = wall_clock
         self._targets: dict[str, Target] = {}
-        lists_of: dict[str, list[str]] = {}
-        self._email_field: dict[str, str] = {}  # segment -> profile field of the address
-        fields_of: dict[str, dict[str, None]] = {}  # segment -> profile fields its lists map
-        self._names_of: dict[str, str] = {}  # segment -> its destinations' names, for letters
-        self._fields_of_list: dict[str, list[str]] = {}  # list -> profile fields it maps
-        for dest in destinations:
-            mapped = [f for _, f in dest.custom_fields]
-            if dest.name_field:
-                mapped.append(dest.name_field)
-            self._fields_of_list[dest.list_id] = mapped
-            for segment in dest.segment_ids:
-                lists_of.setdefault(segment, []).append(dest.list_id)
-                self._email_field[segment] = dest.email_field  # one per segment (check-config)
-                fields_of.setdefault(segment, {}).update(dict.fromkeys(mapped))
-                names = self._names_of.get(segment)
-                self._names_of[segment] = dest.name if names is None else f"{names},{dest.name}"
-        self._lists_of = lists_of
-        self._fields_of = {segment: tuple(f) for segment, f in fields_of.items()}
+        self._routing = Routing.of(destinations)
         self._members: dict[int, _Room] = {}
         self._addresses: dict[int, _Room] = {}
         self._claims_done: dict[int, int] = {}  # claims partition -> offset after the last
         self._claims_written: dict[int, int] = {}  # claims partition -> after the last we wrote
         self._in_buffers: dict[int, int] = {}  # claims partition -> positions held in buffers
+        # (input partition, segment, list) -> its backfill under way
+        self._backfills: dict[tuple[int, str, str], asyncio.Task[None]] = {}
         self.restoring = False
 
     def set_targets(self, targets: Iterable[Target]) -> None:
@@ -188,7 +240,9 @@ class MembershipState:
         letters: list[tuple[ConsumerRecord[Any, Any], str, str, str | None]] = []
         undecodable = late = skipped = 0
         invalid_reasons: dict[str, int] = {}
-        email_field, fields_of = self._email_field, self._fields_of
+        routing = self._routing
+        email_field, fields_of = routing.email_field, routing.fields_of
+        keep_all = self._keep_all
         async with room.lock:
             for record in records:
                 event = decode_fields(record.value or b"")
@@ -199,35 +253,37 @@ class MembershipState:
                     continue
                 _, segment_id, entered, occurred_at_ms, profile = event
                 field_name = email_field.get(segment_id)
-                if field_name is None:
+                if field_name is None:  # no list takes this segment (yet)
                     skipped += 1
-                    continue
+                    if not keep_all:
+                        continue
+                    field_name = UNCONFIGURED_EMAIL_FIELD
                 address = None
                 if entered:
                     raw = profile.get(field_name)
                     address = parse_email(raw)
                     if address is None:
+                        if segment_id not in email_field:
+                            continue  # kept only with an address; no list to tell about it
                         code = "missing_email" if raw is None else "invalid_email"
                         detail = f"profile field {field_name!r} is missing or not an email address"
-                        letters.append((record, code, detail, self._names_of[segment_id]))
+                        letters.append((record, code, detail, routing.names_of[segment_id]))
                         invalid_reasons[code] = invalid_reasons.get(code, 0) + 1
                         continue
                 profile_id = profile["id"]
                 assert isinstance(profile_id, str)  # the schema says so
-                mapped = {f: profile[f] for f in fields_of[segment_id] if f in profile}
+                if keep_all:
+                    mapped = dict(profile)
+                    del mapped["id"]
+                else:
+                    mapped = {f: profile[f] for f in fields_of[segment_id] if f in profile}
                 change = ProfileChange(
                     segment_id, profile_id, entered, occurred_at_ms, record.offset, address, mapped
                 )
                 if not stage.apply(change).accepted:
                     late += 1
-            try:
-                written = await stage.checkpoint()
-            except KafkaError:
-                obs.state_checkpoint_failures.labels(store="members").inc()
-                raise
-        claims_written = self._claims_written
-        for q, last in written.items():
-            claims_written[q] = max(claims_written.get(q, 0), last + 1)
+            written = await self._checkpoint_one(stage)
+        self._note_written(written)
         # Tracked only now: a failed checkpoint above leaves nothing behind to read again.
         track = self._intake.tracker.track
         lettered = {letter[0].offset for letter in letters}
@@ -242,6 +298,160 @@ class MembershipState:
             obs.events_skipped.labels(reason="no_destination").inc(skipped)
         if late:
             obs.events_skipped.labels(reason="late").inc(late)
+
+    async def _checkpoint_one(self, stage: StageOne) -> dict[int, int]:
+        try:
+            return await stage.checkpoint()
+        except KafkaError:
+            obs.state_checkpoint_failures.labels(store="members").inc()
+            raise
+
+    def _note_written(self, written: dict[int, int]) -> None:
+        """Claims partitions written to, up to which offset (see `claims_unread`)."""
+        claims_written = self._claims_written
+        for q, last in written.items():
+            claims_written[q] = max(claims_written.get(q, 0), last + 1)
+
+    # ---------------------------------------------------------------- backfill
+
+    def _start_backfills(self, partition: int) -> None:
+        """Start filling, from this input partition's members, every configured list that
+        its segment has not fed yet (a destination added later, or the state of an older
+        release)."""
+        room = self._members.get(partition)
+        if room is None:
+            return
+        stage = room.stage
+        assert isinstance(stage, StageOne)
+        for segment_id, list_id in sorted(self._routing.pairs):
+            key = (partition, segment_id, list_id)
+            if key in self._backfills or stage.table.backfilled(segment_id, list_id):
+                continue
+            task = asyncio.create_task(
+                self._backfill(partition, room, segment_id, list_id),
+                name=f"backfill:{partition}:{self._routing.name_of_list[list_id]}",
+            )
+            self._backfills[key] = task
+            task.add_done_callback(functools.partial(self._backfill_done, key))
+
+    def _backfill_done(self, key: tuple[int, str, str], task: asyncio.Task[None]) -> None:
+        if self._backfills.get(key) is task:
+            del self._backfills[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("backfill_failed", partition=key[0], error=type(task.exception()).__name__)
+
+    def backfills(self) -> int:
+        """Backfills under way in this process (tests and benchmarks wait for 0)."""
+        return len(self._backfills)
+
+    async def backfills_done(self) -> None:
+        """Wait until the backfills under way now have ended (tests, benchmarks)."""
+        await asyncio.gather(*self._backfills.values(), return_exceptions=True)
+
+    def backfilling(self, list_id: str) -> bool:
+        """Whether this process is filling ``list_id`` (its imports then go at the rate
+        limiter's backfill priority)."""
+        return any(key[2] == list_id for key in self._backfills)
+
+    def _may_backfill(self, list_id: str) -> bool:
+        """Room for the next page: the list's changes waiting here (claims this process wrote
+        and has not taken yet, and its buffer) are fewer than `BACKFILL_AHEAD`."""
+        target = self._targets.get(list_id)
+        waiting = 0 if target is None else target.buffer.pending()
+        return self.claims_unread() + waiting < BACKFILL_AHEAD
+
+    async def _backfill(self, partition: int, room: _Room, segment_id: str, list_id: str) -> None:
+        """Send the holds of this partition's members of ``segment_id`` to ``list_id``, a page
+        per checkpoint (progress goes with the page: a restart resumes after the last page),
+        paced by `_may_backfill`; ends when the pair is done, no longer configured, or the
+        partition is no longer this process's."""
+        name = self._routing.name_of_list[list_id]
+        started = time.monotonic()
+        sent = 0
+        running = obs.backfills_running.labels(destination=name)
+        running.inc()
+        log.info("backfill_started", destination=name, partition=partition)
+        try:
+            while True:
+                await self._intake.wait_until(functools.partial(self._may_backfill, list_id))
+                async with room.lock:
+                    if self._members.get(partition) is not room:
+                        return
+                    if (segment_id, list_id) not in self._routing.pairs:
+                        return
+                    stage = room.stage
+                    assert isinstance(stage, StageOne)
+                    holds, done = stage.backfill(segment_id, list_id, BACKFILL_PAGE)
+                    try:
+                        written = await self._checkpoint_one(stage)
+                    except KafkaError:
+                        written = None
+                if written is None:  # nothing was kept: the same page again, later
+                    await asyncio.sleep(BACKFILL_RETRY_S)
+                    continue
+                self._note_written(written)
+                sent += holds
+                obs.backfill_members.labels(destination=name).inc(holds)
+                if done:
+                    log.info(
+                        "backfill_done",
+                        destination=name,
+                        partition=partition,
+                        members=sent,
+                        seconds=round(time.monotonic() - started, 3),
+                    )
+                    return
+        finally:
+            running.dec()
+
+    async def stop_backfills(self, partitions: Iterable[int] | None = None) -> None:
+        """Stop the backfills of these input partitions (or all: at shutdown); they resume
+        from their progress wherever the partition is restored next."""
+        chosen = None if partitions is None else set(partitions)
+        stopped = [
+            task for key, task in self._backfills.items() if chosen is None or key[0] in chosen
+        ]
+        for task in stopped:
+            task.cancel()
+        await asyncio.gather(*stopped, return_exceptions=True)
+
+    # ---------------------------------------------------------------- configuration
+
+    async def reconfigure(self, destinations: Sequence[Destination]) -> None:
+        """Take a new destinations file without a restart or a rebalance: stage 1 feeds the
+        new routes from now on and forgets the progress of pairs no longer configured, stage
+        2 fits its stores to them (a list gone is forgotten, a list that lost a segment loses
+        its holders: the changes go to the buffers), and the lists a segment gained are
+        backfilled. Call after `set_targets` for the new destinations."""
+        routing = self._routing = Routing.of(destinations)
+        pairs = routing.pairs
+        for partition, room in list(self._members.items()):
+            async with room.lock:
+                if self._members.get(partition) is not room:
+                    continue  # revoked meanwhile: its store is closed
+                stage = room.stage
+                assert isinstance(stage, StageOne)
+                stage.reconfigure(routing.lists_of, routing.fields_of_list)
+                stage.table.forget_backfill(
+                    [pair for pair in stage.table.backfills() if pair not in pairs]
+                )
+                with contextlib.suppress(KafkaError):  # forgotten again at the next chance
+                    self._note_written(await self._checkpoint_one(stage))
+            self._start_backfills(partition)
+        now_ms = int(self._wall_clock() * 1000)
+        for q, room in list(self._addresses.items()):
+            async with room.lock:
+                if self._addresses.get(q) is not room:
+                    continue  # revoked meanwhile: its store is closed
+                stage_two = room.stage
+                assert isinstance(stage_two, StageTwo)
+                changed = stage_two.refit(routing.routes)
+                try:
+                    await self._checkpoint_two(room)
+                except KafkaError:  # dropped: fitted again at the next reload or assignment
+                    continue
+            self._in_buffers.setdefault(q, 0)
+            self._offer(q, ((d, now_ms, 0) for d in changed))
 
     # ---------------------------------------------------------------- stage 2
 
@@ -262,6 +472,10 @@ class MembershipState:
         async with room.lock:
             for record in records:
                 claim = decode_claims_record(record.key, record.value)
+                if isinstance(claim, Filled):
+                    now_ms = int(self._wall_clock() * 1000)
+                    changed += ((d, now_ms, record.offset) for d in stage.filled(claim))
+                    continue
                 if isinstance(claim, Repair):  # cmsync reconcile: offer what is desired now
                     repairs.append(claim)
                     desired = stage.table.repair(claim.list_id, claim.address, claim.kind)
@@ -274,6 +488,8 @@ class MembershipState:
             await self._checkpoint_two(room)
         self._claims_done[partition] = records[-1].offset + 1
         self._offer(partition, changed)
+        if self._backfills:  # their pacing counts the claims not taken yet
+            self._intake.notify()
         self._count_repairs(repairs)
 
     def _count_repairs(self, repairs: Iterable[Repair]) -> None:
@@ -485,13 +701,22 @@ class MembershipState:
                 now_ms = int(self._wall_clock() * 1000)
                 for tp, store in stores.items():
                     durable = Durable(tp.partition, store, self._producer, tp.topic)
+                    routing = self._routing
                     if tp.topic == members:
                         stage_one = StageOne(
-                            durable, self._lists_of, self.topics.claims, self._fields_of_list
+                            durable, routing.lists_of, self.topics.claims, routing.fields_of_list
                         )
+                        stage_one.table.forget_backfill(
+                            [p for p in stage_one.table.backfills() if p not in routing.pairs]
+                        )
+                        with contextlib.suppress(KafkaError):  # again next time
+                            await self._checkpoint_one(stage_one)
                         self._members[tp.partition] = _Room(stage_one)
                         continue
                     stage_two = StageTwo(durable)
+                    stage_two.refit(routing.routes)
+                    with contextlib.suppress(KafkaError):  # fitted again next time
+                        await stage_two.checkpoint()
                     self._addresses[tp.partition] = _Room(stage_two)
                     self._in_buffers.setdefault(tp.partition, 0)
                     self._offer(
@@ -506,6 +731,9 @@ class MembershipState:
             records=read,
             seconds=round(time.monotonic() - started, 3),
         )
+        for tp in paths:
+            if tp.topic == members:
+                self._start_backfills(tp.partition)
 
     async def _room(self, rooms: dict[int, _Room], partition: int) -> _Room:
         """The room of a partition, once its restore is done; `ReadAgain` if it is not ours
@@ -519,8 +747,10 @@ class MembershipState:
         return room
 
     async def revoke_inputs(self, partitions: Iterable[int]) -> None:
-        """Close the stage 1 stores of revoked input partitions (nothing is pending: every
-        batch is checkpointed before the next)."""
+        """Stop their backfills and close the stage 1 stores of revoked input partitions
+        (nothing is pending: every batch and backfill page is checkpointed before the next)."""
+        partitions = list(partitions)
+        await self.stop_backfills(partitions)
         for p in partitions:
             room = self._members.pop(p, None)
             if room is not None:

@@ -91,6 +91,10 @@ CALLS_IN_FLIGHT: Final = 4
 IMPORT_PRIORITY: Final = 0
 LISTING_PRIORITY: Final = IMPORT_PRIORITY
 REMOVAL_PRIORITY: Final = 1
+#: The imports of a list being backfilled (a destination added later) wait this many steps
+#: behind live changes of other lists; aging still lets them through when nothing else waits
+#: for that long.
+BACKFILL_PRIORITY: Final = 3
 #: One step of priority counts as arriving this much later in the limiter's line (aging): a
 #: removal waits at most this long behind imports that keep arriving.
 PRIORITY_STEP_S: Final = 1.0
@@ -121,6 +125,19 @@ STATE_LINGER_MS: Final = 5
 #: How long a flusher waits before taking a batch again whose writes could not be recorded as
 #: under way (the membership state's changelog did not acknowledge).
 SEND_RETRY_S: Final = 1.0
+
+#: Backfill (a destination added for a segment the state knows): members read and sent as
+#: claims per page, one checkpoint each; the next page waits until fewer than BACKFILL_AHEAD
+#: of the list's changes wait in this process (claims not yet taken, and its buffer, besides
+#: the imports in flight): five imports ahead, so imports stay full, while the claims of other
+#: lists never queue behind more than that (about a second of stage 2).
+BACKFILL_PAGE: Final = 1000
+BACKFILL_AHEAD: Final = 5000
+#: A backfill page whose checkpoint failed is tried again after this long.
+BACKFILL_RETRY_S: Final = 1.0
+#: How often the service looks at the destinations file for a change (a mounted ConfigMap is
+#: updated in place, within about a minute); SIGHUP reloads at once.
+RELOAD_POLL_S: Final = 10.0
 
 #: glibc malloc arenas of `cmsync run` (see `consumer.app.limit_malloc_arenas`).
 MALLOC_ARENAS: Final = 2

@@ -43,6 +43,7 @@ from consumer.listsettings import ListCheck
 from consumer.membership.model import Applied, Desired, Origin
 from consumer.rows import Wanted
 from consumer.settings import Destination
+from consumer.tuning import BACKFILL_PRIORITY, IMPORT_PRIORITY
 from tests.simulator_fixtures import FakeClock
 
 TOPIC = "membership"
@@ -75,6 +76,7 @@ class FakeGateway:
 
     def __init__(self) -> None:
         self.imports: list[tuple[list[SubscriberRow], bool]] = []
+        self.priorities: list[int] = []
         self.removals: list[tuple[RemovalMode, str]] = []
         self.import_failures: dict[str, int] = {}  # address -> Campaign Monitor code
         self.removal_answers: dict[str, int] = {}  # address -> 203 (not in list) or error code
@@ -93,9 +95,16 @@ class FakeGateway:
         self._recovered.set()
 
     async def import_subscribers(
-        self, list_id: str, rows: Sequence[SubscriberRow], *, resubscribe: bool, destination: str
+        self,
+        list_id: str,
+        rows: Sequence[SubscriberRow],
+        *,
+        resubscribe: bool,
+        destination: str,
+        priority: int = IMPORT_PRIORITY,
     ) -> ImportResult:
         await self._recovered.wait()
+        self.priorities.append(priority)
         if any(row.email in self.flapping for row in rows):
             self.throttled_imports.append([row.email for row in rows])
             raise AddressThrottled("too many times", status=429, code=429, endpoint="import")
@@ -489,6 +498,23 @@ async def test_drain_sends_at_once_and_end_drain_restores_the_flush_interval(rig
     rig.due()
     await rig.until(lambda: later in rig.released, "sent once the interval passed")
     assert len(rig.gateway.imports) == 2
+
+
+async def test_imports_of_a_list_being_backfilled_go_at_the_backfill_priority(rig: Rig) -> None:
+    first = rig.offer("ada@example.com")
+    rig.due()
+    await rig.until(lambda: first in rig.released, "a live import")
+    filling = True
+    rig.flusher.backfilling = lambda: filling
+    second = rig.offer("grace@example.com")
+    rig.due()
+    await rig.until(lambda: second in rig.released, "an import while backfilling")
+    filling = False
+    third = rig.offer("linus@example.com")
+    rig.due()
+    await rig.until(lambda: third in rig.released, "a live import again")
+    assert rig.gateway.priorities == [IMPORT_PRIORITY, BACKFILL_PRIORITY, IMPORT_PRIORITY]
+    assert BACKFILL_PRIORITY > IMPORT_PRIORITY  # later in the rate limiter's line
 
 
 def stalled(rig: Rig) -> str | None:

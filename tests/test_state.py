@@ -23,8 +23,9 @@ from consumer.buffer import AppliedMemory, DestinationBuffer, Entry
 from consumer.deadletter import DeadLetter
 from consumer.devtools.embedded_broker import create_topics
 from consumer.intake import Intake
-from consumer.membership import Applied
+from consumer.membership import Applied, Claim
 from consumer.membership.changelog import InternalTopics, ensure_internal_topics
+from consumer.membership.codec import decode_claims_record
 from consumer.offsets import OffsetTracker
 from consumer.rows import Wanted
 from consumer.settings import Destination, load_settings
@@ -83,6 +84,11 @@ class Letters:
         self.sent.append(letter)
 
 
+def claims_only(records: list[ConsumerRecord[Any, Any]]) -> list[ConsumerRecord[Any, Any]]:
+    """The claims among records of the claims topic (not the backfills' `Filled` records)."""
+    return [r for r in records if isinstance(decode_claims_record(r.key, r.value), Claim)]
+
+
 @dataclass
 class Kit:
     bootstrap: str
@@ -120,6 +126,12 @@ class Kit:
         }
         state.set_targets(Target(d, buffers[d.name], lambda: None) for d in self.dests)
         await state.assign([0], [0])
+        # A new state fills its lists first (backfills, each ending with a `Filled` record
+        # to the claims partition); stage 2 takes those records before the test starts.
+        await state.backfills_done()
+        records = await self.read(self.topics.claims, state.committable(self.topics.claims, 0) or 0)
+        if records and not claims_only(records):
+            await state.handle_claims(0, records)
         return state, buffers
 
     async def produce(self, topic: str, pairs: list[tuple[bytes, bytes]]) -> None:
@@ -194,7 +206,8 @@ async def test_changes_become_desired_states_and_offsets_are_committable(kit: Ki
     )
     assert state.committable(kit.input_topic, 0) == 3
     claims = await kit.read(kit.topics.claims)
-    assert state.committable(kit.topics.claims, 0) == len(claims) == 3  # news, club, club
+    assert state.committable(kit.topics.claims, 0) == len(claims)
+    assert len(claims_only(claims)) == 3  # news, club, club
     assert wanted(buffers["news"]) == {"ada@x.io": True}
     assert wanted(buffers["club"]) == {"ada@x.io": True, "home@x.io": True}
     assert state.claims_unread() == 0
@@ -233,7 +246,7 @@ async def test_unusable_records_are_held_until_their_one_dead_letter_is_durable(
         ("missing_email", "news,club"),  # one letter per record, naming its destinations
     ]
     assert state.committable(kit.input_topic, 0) == 2
-    assert await kit.read(kit.topics.claims) == []
+    assert claims_only(await kit.read(kit.topics.claims)) == []
 
 
 async def test_what_was_applied_is_durable_and_what_is_owed_comes_back(kit: Kit) -> None:

@@ -792,7 +792,8 @@ class SyncRig:
     async def start(self, **service_kwargs: Any) -> Service:
         """Run the real service in this event loop (one at a time)."""
         assert self.running_service is None, "a service already runs in process"
-        self.running_service = InProcessService(self.settings(), **service_kwargs)
+        env = self.env()
+        self.running_service = InProcessService(load_settings(env), env=env, **service_kwargs)
         return self.running_service.service
 
     async def stop(self) -> None:

@@ -20,18 +20,33 @@ Invariants (they carry guarantee 2 across profiles, segments and partitions):
 * What the sync last did is recorded by `record_applied`; `owed` lists the keys whose desired
   state is not what was applied, or whose last write's outcome is unknown (SENDING: the
   process died with it in flight), to feed the buffer again after a restore.
+* The store fits the configured routes (which segments feed which list, `refit`): a list
+  that lost a segment loses that segment's holders, so its desired states become the union
+  of the segments that feed it now; a list no longer configured loses every holder (what
+  was applied, and what the sync removed itself, is kept: it may be configured again).
+* A list configured anew is filled by backfills (stage 1). Until every partition of every
+  segment feeding it reported its backfill complete (`filled`), an address no member holds
+  may still be held by a hold on its way, so it is not owed yet; once complete, the
+  addresses the sync made active that no member holds any more are owed (removed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from consumer.membership.codec import (
+    META_PREFIX,
     address_key,
     decode_address,
+    decode_fill,
+    decode_routes,
     encode_address,
+    encode_fill,
+    encode_routes,
+    fill_key,
     fingerprint,
     list_prefix,
+    routes_key,
     split_key,
 )
 from consumer.membership.model import (
@@ -40,6 +55,7 @@ from consumer.membership.model import (
     Claim,
     Desired,
     Fields,
+    Filled,
     Holding,
     Member,
     Origin,
@@ -88,10 +104,12 @@ def _owes(state: AddressState) -> bool:
 class AddressTable:
     """Stage 2 over one store (one repartition partition's state, in the service)."""
 
-    __slots__ = ("_store",)
+    __slots__ = ("_routes", "_store")
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        #: the routes of the last `refit` (None before: every list counts as filled)
+        self._routes: Mapping[str, frozenset[str]] | None = None
 
     def _load(self, key: bytes) -> AddressState:
         raw = self._store.get(key)
@@ -127,11 +145,14 @@ class AddressTable:
         (NOTHING), so it is owed, also to the next owner after a crash. ``extra`` (the list
         shows it active, no member holds it): if nobody holds it now, the next revision, not
         active, and the list is recorded as showing it (ACTIVE, fields unknown), so the
-        removal is owed; the flusher removes it with its consent checks."""
+        removal is owed; the flusher removes it with its consent checks. Not while the list is
+        being backfilled (`complete`): its holder may be a hold still on its way."""
         key = address_key(list_id, address)
         state = self._load(key)
         wanted = _wanted(state)
         if wanted[0] != (kind == "reassert"):
+            return None
+        if kind == "extra" and not self.complete(list_id):
             return None
         state.revision += 1
         if kind == "reassert":
@@ -194,8 +215,103 @@ class AddressTable:
             yield split_key(key)[1], decode_address(raw)
 
     def owed(self, list_id: str) -> Iterator[Desired]:
-        """The desired states of ``list_id`` that differ from what the sync last applied."""
+        """The desired states of ``list_id`` that differ from what the sync last applied
+        (before the list is filled, not those of addresses nobody holds: see the module
+        docstring)."""
+        complete = self.complete(list_id)
         for key, raw in self._store.scan(list_prefix(list_id)):
             state = decode_address(raw)
-            if _owes(state):
+            if _owes(state) and (complete or state.newest() is not None):
                 yield _desired(list_id, split_key(key)[1], state)
+
+    def complete(self, list_id: str) -> bool:
+        """Whether every backfill feeding ``list_id`` reported complete (`filled`)."""
+        segments = None if self._routes is None else self._routes.get(list_id)
+        if segments is None:
+            return True
+        raw = self._store.get(fill_key(list_id))
+        if raw is None:
+            return False
+        partitions, done = decode_fill(raw)
+        return all((s, p) in done for s in segments for p in range(partitions))
+
+    def filled(self, record: Filled) -> list[Desired]:
+        """A backfill of the list completed for one segment's input partition. When that
+        completes the list, the desired states it owes for addresses nobody holds (removals
+        of what the sync made active, held by nobody since the list was configured again)."""
+        list_id = record.list_id
+        was = self.complete(list_id)
+        key = fill_key(list_id)
+        raw = self._store.get(key)
+        partitions, done = (record.partitions, set()) if raw is None else decode_fill(raw)
+        if partitions != record.partitions:  # the topic was re-created: start again
+            partitions, done = record.partitions, set()
+        if (record.segment_id, record.partition) in done:
+            return []
+        done.add((record.segment_id, record.partition))
+        self._store.put(key, encode_fill(partitions, done))
+        if was or not self.complete(list_id):
+            return []
+        return [
+            _desired(list_id, split_key(k)[1], state)
+            for k, raw_state in self._store.scan(list_prefix(list_id))
+            if (state := decode_address(raw_state)).newest() is None and _owes(state)
+        ]
+
+    def lists(self) -> Iterator[str]:
+        """Every list this store holds addresses of, in key order (one seek per list)."""
+        start = b""
+        while True:
+            first = next(self._store.scan(b"", start), None)
+            if first is None or first[0].startswith(META_PREFIX):
+                return
+            list_id = split_key(first[0])[0]
+            yield list_id
+            start = list_prefix(list_id) + b"\xff"  # above every address (UTF-8 has no 0xff)
+
+    def refit(self, routes: Mapping[str, frozenset[str]]) -> list[Desired]:
+        """Fit the store to ``routes`` (per configured list, the segments feeding it): drop the
+        holders of segments that no longer feed their list (all of them for a list no longer
+        configured).
+        Returns the desired states that changed (of lists still configured: the buffers take
+        them). A list is read only when its segments changed since the last fit, or when it
+        was not known then (a store written before this existed; claims of a list written by
+        a process that had not reloaded yet). A list configured anew counts as not filled
+        until its backfills report complete (`filled`)."""
+        raw = self._store.get(routes_key())
+        known = {} if raw is None else decode_routes(raw)
+        fitted: dict[str, frozenset[str] | None] = dict.fromkeys(self.lists())
+        fitted.update(known)
+        changed: list[Desired] = []
+        for list_id, segments in fitted.items():
+            wanted = routes.get(list_id)
+            if wanted is None:  # no longer configured: nobody holds, nothing to fill
+                self._drop_holders(list_id, frozenset())
+                self._store.put(fill_key(list_id), None)
+            elif segments != wanted:
+                changed += self._drop_holders(list_id, wanted)
+        for list_id in routes:
+            if list_id not in known:  # configured anew: filled from now on
+                self._store.put(fill_key(list_id), None)
+        if known != routes:
+            self._store.put(routes_key(), encode_routes(dict(routes)))
+        self._routes = dict(routes)
+        return changed
+
+    def _drop_holders(self, list_id: str, segments: frozenset[str]) -> list[Desired]:
+        rows = list(self._store.scan(list_prefix(list_id)))
+        changed: list[Desired] = []
+        for key, raw in rows:
+            state = decode_address(raw)
+            gone = [member for member in state.holders if member[0] not in segments]
+            if not gone:
+                continue
+            before = _wanted(state)[:2]
+            for member in gone:
+                del state.holders[member]
+            after = _wanted(state)
+            if after[:2] != before:
+                state.revision += 1
+                changed.append(_desired(list_id, split_key(key)[1], state, after))
+            self._store.put(key, encode_address(state))
+        return changed

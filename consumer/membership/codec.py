@@ -7,8 +7,8 @@ length prefix, not a separator: ids may contain any character).
 
 Values are a format version byte (`FORMAT_VERSION`) followed by a MessagePack array; on the
 claims topic a *repair* (`cmsync reconcile`) is a MessagePack map instead (``{"repair": kind}``),
-so the two cannot be mistaken for each other whatever the ids. A release older than repairs
-refuses one as malformed (docs/upgrade.md: every pod on this release before reconciling). A reader
+so it cannot be mistaken for a claim or a `Filled` whatever the ids. A release older than
+repairs refuses one as malformed (docs/upgrade.md: every pod on this release first). A reader
 refuses a version byte it does not know (`StateFormatError`) rather than guess: state written
 by a newer release must not be misread by an older one during a rolling upgrade. Field maps are
 encoded with sorted keys, so equal fields give equal bytes and `fingerprint` is stable across
@@ -32,6 +32,7 @@ from consumer.membership.model import (
     Applied,
     Claim,
     Fields,
+    Filled,
     Holding,
     Member,
     MemberState,
@@ -39,20 +40,32 @@ from consumer.membership.model import (
 )
 
 __all__ = [
+    "BACKFILL_PREFIX",
     "FORMAT_VERSION",
+    "META_PREFIX",
     "StateFormatError",
     "address_key",
+    "backfill_key",
     "decode_address",
+    "decode_backfill",
     "decode_claim",
     "decode_claims_record",
+    "decode_fill",
     "decode_member",
+    "decode_routes",
     "encode_address",
+    "encode_backfill",
     "encode_claim",
+    "encode_fill",
+    "encode_filled",
     "encode_member",
     "encode_repair",
+    "encode_routes",
+    "fill_key",
     "fingerprint",
     "list_prefix",
     "member_key",
+    "routes_key",
     "segment_prefix",
     "split_key",
 ]
@@ -104,6 +117,31 @@ def list_prefix(list_id: str) -> bytes:
 def address_key(list_id: str, address: str) -> bytes:
     """Stage 2's key of one (list, address); also the repartition topic's record key."""
     return _prefix(list_id) + address.encode()
+
+
+#: The first bytes of the stores' own bookkeeping keys (backfill progress, the routes a store
+#: was last fitted to): a length prefix no state key has (identifiers are far shorter than
+#: 0xFFFF bytes), so they sort after every state and no prefix scan of a segment or a list
+#: meets them.
+META_PREFIX: Final = b"\xff\xff"
+BACKFILL_PREFIX: Final = META_PREFIX + b"backfill"
+_ROUTES_KEY: Final = META_PREFIX + b"routes"
+_FILL_PREFIX: Final = META_PREFIX + b"filled"
+
+
+def backfill_key(segment_id: str, list_id: str) -> bytes:
+    """Stage 1's record of how far the backfill of ``list_id`` from ``segment_id`` went."""
+    return BACKFILL_PREFIX + _prefix(segment_id) + list_id.encode()
+
+
+def fill_key(list_id: str) -> bytes:
+    """Stage 2's record of which backfills of ``list_id`` completed (`Filled`)."""
+    return _FILL_PREFIX + _prefix(list_id)
+
+
+def routes_key() -> bytes:
+    """Stage 2's record of which segments feed which list, as the store was last fitted."""
+    return _ROUTES_KEY
 
 
 def split_key(key: bytes) -> tuple[str, str]:
@@ -203,6 +241,35 @@ def decode_address(raw: bytes) -> AddressState:
         raise StateFormatError("address state: malformed value") from exc
 
 
+def encode_backfill(done: bool, after: bytes | None) -> bytes:
+    """A backfill's progress: ``[done, last member key sent | nil]``."""
+    return _HEADER + _pack([done, after])
+
+
+def decode_backfill(raw: bytes) -> tuple[bool, bytes | None]:
+    try:
+        done, after = _body(raw, "backfill progress")
+        return bool(done), after
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError("backfill progress: malformed value") from exc
+
+
+def encode_routes(routes: dict[str, frozenset[str]]) -> bytes:
+    """Per list, the segments feeding it: ``[[list, [segment, …]], …]``, sorted."""
+    return _HEADER + _pack([[k, sorted(v)] for k, v in sorted(routes.items())])
+
+
+def decode_routes(raw: bytes) -> dict[str, frozenset[str]]:
+    try:
+        return {list_id: frozenset(segments) for list_id, segments in _body(raw, "routes")}
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError("routes: malformed value") from exc
+
+
 def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
     """The repartition record of a claim: (`address_key`, value)."""
     holding = Holding(claim.version, claim.holds, claim.fields, claim.partition)
@@ -238,10 +305,16 @@ def _claim(key: bytes, body: Any) -> Claim:
             fields or {},
             partition,
         )
-    except StateFormatError:
-        raise
     except _MALFORMED as exc:
         raise StateFormatError("claim: malformed value") from exc
+
+
+def encode_filled(filled: Filled) -> tuple[bytes, bytes]:
+    """The repartition record of a `Filled`: keyed by the list with an empty address (no
+    address is empty), ``["filled", segment, input partition, partitions]``."""
+    return address_key(filled.list_id, ""), _HEADER + _pack(
+        ["filled", filled.segment_id, filled.partition, filled.partitions]
+    )
 
 
 _REPAIR_KINDS: Final = ("reassert", "extra")
@@ -252,13 +325,36 @@ def encode_repair(repair: Repair) -> tuple[bytes, bytes]:
     return address_key(repair.list_id, repair.address), _HEADER + _pack({"repair": repair.kind})
 
 
-def decode_claims_record(key: bytes, value: bytes) -> Claim | Repair:
-    """A record of the claims topic: a claim (an array) or a repair (a map)."""
-    body = _checked_body(value, "claims record")
-    if not isinstance(body, dict):
-        return _claim(key, body)
-    kind = body.get("repair")
-    if kind == "reassert" or kind == "extra":
-        list_id, address = split_key(key)
-        return Repair(list_id, address, kind)
-    raise StateFormatError(f"claims record: unknown repair (expected one of {_REPAIR_KINDS})")
+def decode_claims_record(key: bytes, value: bytes) -> Claim | Filled | Repair:
+    """A record of the repartition topic: a `Claim`, a `Filled` (four elements, the first one
+    ``"filled"``; a claim has seven), or a `Repair` (a map, ``{"repair": kind}``)."""
+    body = _checked_body(value, "claim")
+    if isinstance(body, dict):
+        kind = body.get("repair")
+        if kind == "reassert" or kind == "extra":
+            list_id, address = split_key(key)
+            return Repair(list_id, address, kind)
+        raise StateFormatError(f"claims record: unknown repair (expected one of {_REPAIR_KINDS})")
+    if isinstance(body, list) and len(body) == 4 and body[0] == "filled":
+        list_id, _ = split_key(key)
+        try:
+            _, segment, partition, partitions = body
+            return Filled(list_id, str(segment), int(partition), int(partitions))
+        except _MALFORMED as exc:
+            raise StateFormatError("backfill record: malformed value") from exc
+    return _claim(key, body)
+
+
+def encode_fill(partitions: int, done: set[tuple[str, int]]) -> bytes:
+    """Which backfills of a list completed: ``[partitions, [[segment, partition], …]]``."""
+    return _HEADER + _pack([partitions, sorted([s, p] for s, p in done)])
+
+
+def decode_fill(raw: bytes) -> tuple[int, set[tuple[str, int]]]:
+    try:
+        partitions, done = _body(raw, "backfill completion")
+        return int(partitions), {(str(s), int(p)) for s, p in done}
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError("backfill completion: malformed value") from exc

@@ -94,11 +94,14 @@ class PartitionStore:
     def put(self, key: bytes, value: bytes | None) -> None:
         self._pending[key] = value
 
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Keys starting with ``prefix`` in byte order, pending writes merged over the disk."""
-        overlay = iter(sorted((k, v) for k, v in self._pending.items() if k.startswith(prefix)))
+    def scan(self, prefix: bytes, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Keys starting with ``prefix`` (from ``start`` on) in byte order, pending writes
+        merged over the disk."""
+        overlay = iter(
+            sorted((k, v) for k, v in self._pending.items() if k.startswith(prefix) and k >= start)
+        )
         waiting = next(overlay, None)  # the next pending (key, value) not yet merged
-        for key, value in self._disk_scan(prefix):
+        for key, value in self._disk_scan(prefix, max(prefix, start)):
             while waiting is not None and waiting[0] <= key:
                 pending_key, pending_value = waiting
                 if pending_value is not None:
@@ -113,8 +116,8 @@ class PartitionStore:
                 yield waiting[0], waiting[1]
             waiting = next(overlay, None)
 
-    def _disk_scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for key, value in self._db.items(from_key=prefix):
+    def _disk_scan(self, prefix: bytes, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in self._db.items(from_key=start):
             if not isinstance(key, bytes) or not key.startswith(prefix):
                 return
             if isinstance(value, bytes):

@@ -17,19 +17,27 @@ Invariants (they carry guarantee 2 for one member):
     version changed. Stage 2 then knows each holder at its deciding version, which is what
     makes "the newest holder's fields" mean the same thing whatever order claims arrive in.
 * Members of every segment are kept, fed to a list or not: `backfill` makes the holds that fill
-  a list added later.
+  a list added later, a page at a time (`backfill_page`), with its progress stored beside the
+  members (`backfill_key`): it reaches the changelog in the same checkpoint as the page's
+  claims, so a restart resumes after the last page checkpointed, and a page sent twice is
+  idempotent in stage 2 (same members, same versions).
 
 The segment → lists mapping (``lists_of``) is configuration: a table serves one mapping. When
-the mapping changes, the caller makes a new table over the same store and backfills the lists a
-segment gained; a list a segment lost is simply written no more.
+the mapping changes, the caller makes a new table over the same store, backfills the lists a
+segment gained (`backfill_page` until done) and forgets the progress of pairs no longer
+configured (`forget_backfill`), so that a pair configured again is filled again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 from consumer.membership.codec import (
+    BACKFILL_PREFIX,
+    backfill_key,
+    decode_backfill,
     decode_member,
+    encode_backfill,
     encode_member,
     member_key,
     segment_prefix,
@@ -130,10 +138,61 @@ class MemberTable:
         Idempotent with the claims stage 1 makes meanwhile: each carries its member's deciding
         version, so stage 2 keeps the newest per member whatever the order.
         """
-        for profile_id, state in self.members(segment_id):
-            assert state.address is not None  # in_segment implies an address
-            member = (segment_id, profile_id)
-            fields = self._of(list_id, state)
-            yield Claim(
-                list_id, state.address, member, state.version, True, fields, self._partition
-            )
+        for key, raw in self._store.scan(segment_prefix(segment_id)):
+            hold = self._hold(list_id, key, raw)
+            if hold is not None:
+                yield hold
+
+    def _hold(self, list_id: str, key: bytes, raw: bytes) -> Claim | None:
+        """The hold of ``list_id`` by the member stored at ``key``, if it is in its segment."""
+        state = decode_member(raw)
+        if not state.in_segment:
+            return None
+        assert state.address is not None  # in_segment implies an address
+        member = split_key(key)
+        fields = self._of(list_id, state)
+        return Claim(list_id, state.address, member, state.version, True, fields, self._partition)
+
+    def backfill_page(self, segment_id: str, list_id: str, limit: int) -> tuple[list[Claim], bool]:
+        """The next page of `backfill`: the holds of at most ``limit`` members after the stored
+        progress, the progress advanced (a pending write, checkpointed with the claims). True
+        once every member was sent (then the pair counts as fed, `backfilled`)."""
+        key = backfill_key(segment_id, list_id)
+        raw = self._store.get(key)
+        done, after = (False, None) if raw is None else decode_backfill(raw)
+        if done:
+            return [], True
+        prefix = segment_prefix(segment_id)
+        start = prefix if after is None else after + b"\x00"  # the first key above ``after``
+        claims: list[Claim] = []
+        seen = 0
+        for member, value in self._store.scan(prefix, start):
+            seen += 1
+            after = member
+            hold = self._hold(list_id, member, value)
+            if hold is not None:
+                claims.append(hold)
+            if seen == limit:
+                break
+        done = seen < limit
+        self._store.put(key, encode_backfill(done, after))
+        return claims, done
+
+    def backfilled(self, segment_id: str, list_id: str) -> bool:
+        """Whether ``list_id`` was filled from ``segment_id``'s members (stage 1 has fed it
+        every change since)."""
+        raw = self._store.get(backfill_key(segment_id, list_id))
+        return raw is not None and decode_backfill(raw)[0]
+
+    def backfills(self) -> Iterator[tuple[str, str]]:
+        """Every (segment, list) with a backfill recorded, done or under way."""
+        for key, _ in self._store.scan(BACKFILL_PREFIX):
+            yield split_key(key[len(BACKFILL_PREFIX) :])
+
+    def forget_backfill(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Drop the backfill records of these (segment, list) pairs (no longer configured), so
+        that a pair configured again is filled again."""
+        for segment_id, list_id in pairs:
+            key = backfill_key(segment_id, list_id)
+            if self._store.get(key) is not None:
+                self._store.put(key, None)

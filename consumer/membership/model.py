@@ -17,6 +17,7 @@ __all__ = [
     "Desired",
     "FieldValue",
     "Fields",
+    "Filled",
     "Holding",
     "Member",
     "MemberState",
@@ -121,6 +122,18 @@ class Verdict(NamedTuple):
 
     accepted: bool
     claims: list[Claim]
+
+
+class Filled(NamedTuple):
+    """Stage 1 → every stage 2 partition: the backfill of ``list_id`` from ``segment_id``'s
+    members of input partition ``partition`` (of ``partitions``) is complete, every hold of it
+    sent before this record. Once a list has it from every partition of every segment feeding
+    it, stage 2 knows who holds none of its addresses any more (`AddressTable.filled`)."""
+
+    list_id: str
+    segment_id: str
+    partition: int
+    partitions: int
 
 
 @dataclass(frozen=True, slots=True)

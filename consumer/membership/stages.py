@@ -48,10 +48,10 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.membership import changelog
 from consumer.membership.addresses import AddressTable
-from consumer.membership.codec import encode_claim
+from consumer.membership.codec import encode_claim, encode_filled
 from consumer.membership.durable import PartitionStore
 from consumer.membership.members import MemberTable
-from consumer.membership.model import Applied, Claim, Desired, ProfileChange, Verdict
+from consumer.membership.model import Applied, Claim, Desired, Filled, ProfileChange, Verdict
 
 __all__ = ["Durable", "StageOne", "StageTwo", "claim_partition"]
 
@@ -91,6 +91,13 @@ class StageOne:
         self.table = MemberTable(state.store, lists_of, state.partition, fields_of)
         self._claims_topic = claims_topic
         self._claims: list[Claim] = []
+        self._filled: list[tuple[str, str]] = []  # backfills done: (segment, list)
+
+    def reconfigure(
+        self, lists_of: Mapping[str, Sequence[str]], fields_of: Mapping[str, Collection[str]]
+    ) -> None:
+        """A new segment → lists mapping from now on (the table is rebuilt over the store)."""
+        self.table = MemberTable(self.state.store, lists_of, self.state.partition, fields_of)
 
     @property
     def pending_claims(self) -> int:
@@ -102,12 +109,15 @@ class StageOne:
         self._claims += verdict.claims
         return verdict
 
-    def backfill(self, segment_id: str, list_id: str) -> int:
-        """Queue the holds that fill ``list_id`` with ``segment_id``'s current members of this
-        partition (a destination added later); returns how many."""
-        before = len(self._claims)
-        self._claims += self.table.backfill(segment_id, list_id)
-        return len(self._claims) - before
+    def backfill(self, segment_id: str, list_id: str, limit: int) -> tuple[int, bool]:
+        """Queue the next page of holds that fill ``list_id`` with ``segment_id``'s current
+        members of this partition (a destination added later), its progress with them in the
+        next checkpoint; returns how many holds, and whether the backfill is done."""
+        claims, done = self.table.backfill_page(segment_id, list_id, limit)
+        self._claims += claims
+        if done:  # every claims partition hears of it, after the page's claims
+            self._filled.append((segment_id, list_id))
+        return len(claims), done
 
     async def checkpoint(self) -> dict[int, int]:
         """Claims acknowledged, then the changelog acknowledged, then the disk (see the module
@@ -116,6 +126,7 @@ class StageOne:
         must read the input again from its committed offset (or give the partition up), which
         decides the same changes again."""
         claims, self._claims = self._claims, []
+        filled, self._filled = self._filled, []
         try:
             partitions = sorted(await self.state.producer.partitions_for(self._claims_topic))
             by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
@@ -123,6 +134,12 @@ class StageOne:
                 key, value = encode_claim(claim)
                 partition = partitions[claim_partition(key, len(partitions))]
                 by_partition.setdefault(partition, []).append((key, value))
+            for segment_id, list_id in filled:
+                record = encode_filled(
+                    Filled(list_id, segment_id, self.state.partition, len(partitions))
+                )
+                for partition in partitions:
+                    by_partition.setdefault(partition, []).append(record)
             producer = self.state.producer
             written = await asyncio.gather(
                 *(
@@ -152,9 +169,17 @@ class StageTwo:
         """Take one claim; the new desired state of its (list, address) if it changed."""
         return self.table.apply(claim)
 
+    def filled(self, record: Filled) -> list[Desired]:
+        """A backfill's completion (see `AddressTable.filled`)."""
+        return self.table.filled(record)
+
     def record_applied(self, desired: Desired, outcome: Applied) -> None:
         """What the sync wrote for ``desired`` (see `AddressTable.record_applied`)."""
         self.table.record_applied(desired, outcome)
+
+    def refit(self, routes: Mapping[str, frozenset[str]]) -> list[Desired]:
+        """Fit the table to the configured routes (see `AddressTable.refit`)."""
+        return self.table.refit(routes)
 
     def owed(self, list_ids: Iterable[str]) -> Iterator[Desired]:
         """The desired states of these lists that were not applied yet (after a restore)."""

@@ -19,15 +19,16 @@ class Store(Protocol):
 
     * ``get``: the value of ``key``, or None.
     * ``put``: set ``key`` to ``value``; None deletes it (a tombstone in the changelog).
-    * ``scan``: every (key, value) whose key starts with ``prefix``, in byte order of keys.
-      Callers do not write while iterating.
+    * ``scan``: every (key, value) whose key starts with ``prefix`` (and is not below
+      ``start``, when given: a scan resumed where an earlier one stopped), in byte order of
+      keys. Callers do not write while iterating.
     """
 
     def get(self, key: bytes) -> bytes | None: ...
 
     def put(self, key: bytes, value: bytes | None) -> None: ...
 
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
+    def scan(self, prefix: bytes, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]: ...
 
 
 class DictStore:
@@ -49,6 +50,6 @@ class DictStore:
         else:
             self.data[key] = value
 
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for key in sorted(k for k in self.data if k.startswith(prefix)):
+    def scan(self, prefix: bytes, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        for key in sorted(k for k in self.data if k.startswith(prefix) and k >= start):
             yield key, self.data[key]

@@ -1,5 +1,5 @@
 """Scenario 9 — the membership state under faults: the local cache lost (SIGKILL, the state
-directory wiped, restart), and a rebalance while a restore runs.
+directory wiped, restart), a rebalance while a restore runs, and a crash during a backfill.
 
 The service runs with a state directory of its own (as a pod with a persistent volume would),
 syncs a first part of a stream with late events (`ordered=False`: changes delivered after a
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from consumer.devtools.rig import create_list
 from consumer.devtools.simulator import SimulatorConfig
-from tests.faults.support import API_KEY, VERSION, FaultRig, note, scaled, stream
+from tests.faults.support import API_KEY, VERSION, Dest, FaultRig, note, scaled, stream
 
 
 @pytest.mark.slow(60)
@@ -110,3 +111,50 @@ async def test_a_rebalance_during_a_restore(kafka_bootstrap: str, tmp_path: Path
             "(a left during the first); lists exact"
         )
         assert restores >= 2
+
+
+@pytest.mark.slow(60)
+async def test_a_crash_during_a_backfill_converges(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Two destinations are added while the service is down: one for seg-x, a segment no list
+    took (the state kept it), one more for seg-a. The process that starts the backfills is
+    killed with SIGKILL as soon as it has started them (claims written or not, progress
+    checkpointed or not, imports under way or not); the next one resumes them. Both new
+    lists end equal to their segments, nothing is removed from them (a backfill only adds),
+    and the lists that existed before are not written again."""
+    records = stream(scaled(900, 4000), seed=95)
+    async with FaultRig(kafka_bootstrap, tmp_path) as rig:
+        first = rig.spawn("first")
+        await rig.wait_assigned(first)
+        await rig.produce(records)
+        await rig.wait_all_committed(90, [first])
+        assert rig.list_problems() == {}
+        first.terminate()
+        assert await first.wait(30) == 0, first.tail()
+
+        added = [Dest("x-list", "seg-x"), Dest("a-later", "seg-a")]
+        for dest in added:
+            rig.dests.append(dest)
+            rig.list_ids[dest.name] = create_list(rig.sim, dest, api_key=API_KEY)
+        writes_before = len(rig.sim.applied_writes())
+        second = rig.spawn("second")
+        await rig.wait_for(
+            lambda: bool(second.events("backfill_started")), 90, "backfills started", [second]
+        )
+        second.kill()
+        started = len(second.events("backfill_started"))
+        filled_then = {dest.name: len(rig.active(dest.name)) for dest in added}
+
+        third = rig.spawn("third")
+        await rig.wait_for(lambda: rig.list_problems() == {}, 120, "lists equal", [third])
+        third.terminate()
+        assert await third.wait(30) == 0, third.tail()
+
+        new_lists = {rig.list_ids[dest.name] for dest in added}
+        writes = rig.sim.applied_writes()[writes_before:]
+        assert [w for w in writes if w.list_id not in new_lists] == []
+        assert [w for w in writes if w.endpoint != "import"] == []
+        note(
+            f"backfill crash: {started} backfills started before the SIGKILL, lists then "
+            f"{filled_then}, equal after the restart: "
+            f"{ {d.name: len(rig.active(d.name)) for d in added} }"
+        )
