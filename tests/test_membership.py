@@ -44,6 +44,7 @@ from consumer.membership.codec import (
     segment_prefix,
     split_key,
 )
+from consumer.membership.model import Filled
 
 VIP, NEWS = "vip", "news"  # segments
 LIST_A, LIST_B = "list-a", "list-b"
@@ -414,6 +415,20 @@ def test_extra_is_removed_only_while_nobody_holds_it() -> None:
     p.addresses.record_applied(extra, Applied.REMOVED)
     assert [d.address for d in p.addresses.owed(LIST_A)] == ["ada@x.io"]
     assert added.active
+
+
+def test_an_extra_waits_for_the_backfill_of_its_list() -> None:
+    """A list configured anew is filled by backfills: until they are complete, an address
+    nobody holds may be held by a hold on its way, so a repair does not remove it."""
+    table = AddressTable(DictStore())
+    table.refit({LIST_A: frozenset({VIP})})
+    assert not table.complete(LIST_A)
+    assert table.repair(LIST_A, "hand@x.io", "extra") is None
+    table.filled(Filled(LIST_A, VIP, 0, 1))
+    assert table.complete(LIST_A)
+    removal = table.repair(LIST_A, "hand@x.io", "extra")
+    assert removal is not None
+    assert not removal.active
 
 
 @pytest.mark.parametrize("kind", ["reassert", "extra"])
