@@ -566,6 +566,11 @@ def render(outcome: Outcome) -> str:
     return "\n".join(lines)
 
 
+def _private(path: str) -> IO[bytes]:
+    """The report file, created readable by its owner only (it holds email addresses)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmsync reconcile",
@@ -624,7 +629,7 @@ def cli_main(argv: list[str]) -> int:
     obs.configure_logging(settings.log_level, settings.log_format)  # type: ignore[arg-type]
     try:
         with contextlib.ExitStack() as files:
-            report = None if args.report is None else files.enter_context(open(args.report, "wb"))
+            report = None if args.report is None else files.enter_context(_private(args.report))
             outcome = asyncio.run(
                 reconcile(settings, names=args.destination, dry_run=args.dry_run, report=report)
             )

@@ -309,6 +309,7 @@ async def test_the_command_prints_counts_only_and_reports_addresses_where_asked(
             assert "@" not in err
             table = [line.split() for line in out.splitlines() if line.startswith("news ")]
             assert table == [["news", "5", "3", "1", "1", "1", "2", "2"]]
+            assert report.stat().st_mode & 0o777 == 0o600  # addresses: for its owner only
             kinds = sorted(orjson.loads(line)["kind"] for line in report.read_text().splitlines())
             assert kinds == ["extra", "missing", "protected", "protected", "stale"]
             await until(h, lambda: h.state_of("news", address("ada")) == "Active", "repaired")
