@@ -1,12 +1,13 @@
 """`make bench`: every scenario in one run, then a summary of every figure with its target.
 
-``python -m bench [--only intake,export,churn,scaleout,freshness,outage,consent,backfill]
-[--skip …]``;
+``python -m bench [--only intake,export,churn,scaleout,freshness,outage,consent,backfill,
+reconcile] [--skip …]``;
 sizes come from each scenario's settings (its ``--help``; environment variables
 ``CMSYNC_BENCH_*``). Scenario 5 (memory) is measured during scenario 2 (``export``); scenario 7
 (``outage``) measures memory during a Campaign Monitor outage against record size; scenario 8
 (``consent``) the consent reads on a list with 120,000 opt-outs; scenario 9 (``backfill``) a
-destination added by a reload for a segment of 200,000 members, beside a live list.
+destination added by a reload for a segment of 200,000 members, beside a live list; scenario 10
+(``reconcile``) `cmsync reconcile` on a list of a million members with 1 % drift.
 """
 
 from __future__ import annotations
@@ -18,12 +19,32 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import backfill, churn, consent, export, freshness, intake, outage, scaleout
+from bench import (
+    backfill,
+    churn,
+    consent,
+    export,
+    freshness,
+    intake,
+    outage,
+    reconcile,
+    scaleout,
+)
 from bench.common import Result, Scenario, machine, print_result, print_summary, report
 
 SCENARIOS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Scenario]] = {
     module.__name__.removeprefix("bench."): (module.add_arguments, module.scenario)
-    for module in (intake, export, churn, scaleout, freshness, outage, consent, backfill)
+    for module in (
+        intake,
+        export,
+        churn,
+        scaleout,
+        freshness,
+        outage,
+        consent,
+        backfill,
+        reconcile,
+    )
 }
 
 

@@ -104,6 +104,7 @@ def describe(settings: Settings, origins: Mapping[str, str] | None = None) -> di
             "resubscribe": d.resubscribe,
             "consent_to_track": d.consent_to_track,
             "unsubscribe_all_client_lists": d.unsubscribe_all_client_lists,
+            "extras": d.extras,
             "custom_fields": dict(d.custom_fields),
         }
         for d in settings.destinations

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "consumer.checkconfig",
         "validate the configuration and print it, secrets masked",
     ),
+    "reconcile": (
+        "consumer.reconcile",
+        "compare the lists with the membership state, report the drift, repair it",
+    ),
 }
 
 USAGE = "usage: cmsync [-h] [--version] COMMAND [options]"

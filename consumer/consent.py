@@ -307,13 +307,19 @@ class ListConsent:
         or under way, by the time a write needs them; tried again while they fail."""
         while True:
             try:
-                await self._refresh_all(self._clock(), suppression=True)
+                await self.read()
                 return
             except ConsentUnknownError as exc:
                 log.warning(
                     "consent_read_failed", destination=self.destination.name, reason=str(exc)
                 )
                 await asyncio.sleep(WARM_RETRY_S)
+
+    async def read(self) -> None:
+        """Read every listing now (in full the first time, the suppression list included);
+        `ConsentUnknownError` when one cannot be read. After it, `opted_out` with a ``since``
+        taken before the call answers from what was read (`cmsync reconcile`)."""
+        await self._refresh_all(self._clock(), suppression=True)
 
     async def opted_out(
         self, addresses: Collection[str], *, since: float, activating: bool

@@ -32,6 +32,8 @@ Rules, stated once:
   unsubscribes the person from every list of the client; the sync holds such a destination
   (`consumer.listsettings`) unless it says ``unsubscribe_all_client_lists = true`` (a boolean,
   false by default; it changes nothing with ``removal = "delete"``).
+- ``extras = "remove"`` lets `cmsync reconcile` remove active addresses that no member of the
+  segments holds (people added by hand); the default ``"keep"`` leaves them.
 - Messages never contain an API key.
 
 Pure apart from reading the destinations file and the secret files it is told about.
@@ -57,6 +59,7 @@ from consumer.variables import (
 Removal = Literal["delete", "unsubscribe"]
 Resubscribe = Literal["never", "deleted-only", "always"]
 ConsentToTrack = Literal["Yes", "No", "Unchanged"]
+Extras = Literal["keep", "remove"]
 
 #: The variable holding the API key of destinations that name no ``api_key_env``.
 DEFAULT_API_KEY_ENV: Final = "CMSYNC_CM_API_KEY"
@@ -85,6 +88,8 @@ class Destination:
     custom_fields: tuple[tuple[str, str], ...]  # (Campaign Monitor key, profile field), file order
     # removal = "unsubscribe" accepted on an AllClientLists list (consumer.listsettings)
     unsubscribe_all_client_lists: bool = False
+    # what `cmsync reconcile` does with active addresses no member holds (added by hand)
+    extras: Extras = "keep"
 
     @property
     def sends(self) -> bool:
@@ -124,6 +129,7 @@ _RESUBSCRIBES: Final[dict[str, Resubscribe]] = {
     "always": "always",
 }
 _CONSENTS: Final[dict[str, ConsentToTrack]] = {"yes": "Yes", "no": "No", "unchanged": "Unchanged"}
+_EXTRAS: Final[dict[str, Extras]] = {"keep": "keep", "remove": "remove"}
 
 DESTINATION_KEYS: Final = (
     "name",
@@ -138,6 +144,7 @@ DESTINATION_KEYS: Final = (
     "resubscribe",
     "consent_to_track",
     "unsubscribe_all_client_lists",
+    "extras",
     "custom_fields",
 )
 REQUIRED_DESTINATION_KEYS: Final = ("name", "list_id", "email_field")
@@ -478,6 +485,7 @@ def _parse_destination(
     removal = choice("removal", _REMOVALS, "delete")
     resubscribe = choice("resubscribe", _RESUBSCRIBES, "deleted-only")
     consent = choice("consent_to_track", _CONSENTS, "Unchanged")
+    extras = choice("extras", _EXTRAS, "keep")
     all_client_lists = table.get("unsubscribe_all_client_lists", False)
     if not isinstance(all_client_lists, bool):
         problems.append(
@@ -536,6 +544,7 @@ def _parse_destination(
         consent_to_track=consent,
         custom_fields=custom_fields,
         unsubscribe_all_client_lists=all_client_lists is True,
+        extras=extras,
     )
 
 

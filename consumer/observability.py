@@ -312,6 +312,17 @@ consent_unknown: Final = Counter(
     ["destination"],
     registry=REGISTRY,
 )
+drift_repairs: Final = Counter(
+    "cmsync_drift_repairs",
+    "Repairs of drift (cmsync reconcile) taken by the owner of their address: kind reassert"
+    " (missing from the list, or stale fields: applied again) or extra (active in the list,"
+    ' held by no member: removed, with extras = "remove" only). A repair a newer change'
+    " made moot is counted too.",
+    ["destination", "kind"],
+    registry=REGISTRY,
+)
+#: The kinds of `drift_repairs` (`consumer.membership.model.RepairKind`).
+REPAIR_KINDS: Final = ("reassert", "extra")
 state_checkpoint_failures: Final = Counter(
     "cmsync_state_checkpoint_failures",
     "Checkpoints of the membership state that Kafka did not acknowledge; their records are"
@@ -431,6 +442,8 @@ def init_destination_labels(destinations: Iterable[str]) -> None:
         freshness.labels(destination=name)
         for kind in ("add", "remove"):
             applied_changes.labels(destination=name, kind=kind)
+        for kind in REPAIR_KINDS:
+            drift_repairs.labels(destination=name, kind=kind)
 
 
 def forget_destination(name: str) -> None:

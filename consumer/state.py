@@ -52,7 +52,7 @@ from consumer.intake import Intake
 from consumer.membership import changelog
 from consumer.membership.changelog import InternalTopics
 from consumer.membership.codec import decode_claims_record
-from consumer.membership.model import Applied, Desired, Filled, ProfileChange
+from consumer.membership.model import Applied, Desired, Filled, ProfileChange, Repair
 from consumer.membership.stages import Durable, StageOne, StageTwo
 from consumer.rows import Wanted, payload_bytes, view_of, wanted
 from consumer.settings import Destination
@@ -468,6 +468,7 @@ class MembershipState:
         stage = room.stage
         assert isinstance(stage, StageTwo)
         changed: list[tuple[Desired, int, int]] = []
+        repairs: list[Repair] = []
         async with room.lock:
             for record in records:
                 claim = decode_claims_record(record.key, record.value)
@@ -475,14 +476,28 @@ class MembershipState:
                     now_ms = int(self._wall_clock() * 1000)
                     changed += ((d, now_ms, record.offset) for d in stage.filled(claim))
                     continue
-                desired = stage.apply(claim)
+                if isinstance(claim, Repair):  # cmsync reconcile: offer what is desired now
+                    repairs.append(claim)
+                    desired = stage.table.repair(claim.list_id, claim.address, claim.kind)
+                    occurred_at_ms = record.timestamp  # when the reconcile asked
+                else:
+                    desired = stage.apply(claim)
+                    occurred_at_ms = claim.version[0]
                 if desired is not None:
-                    changed.append((desired, claim.version[0], record.offset))
+                    changed.append((desired, occurred_at_ms, record.offset))
             await self._checkpoint_two(room)
         self._claims_done[partition] = records[-1].offset + 1
         self._offer(partition, changed)
         if self._backfills:  # their pacing counts the claims not taken yet
             self._intake.notify()
+        self._count_repairs(repairs)
+
+    def _count_repairs(self, repairs: Iterable[Repair]) -> None:
+        for repair in repairs:
+            target = self._targets.get(repair.list_id)
+            if target is not None:
+                name = target.destination.name
+                obs.drift_repairs.labels(destination=name, kind=repair.kind).inc()
 
     def _offer(self, partition: int, changed: Iterable[tuple[Desired, int, int]]) -> None:
         now = self._clock()

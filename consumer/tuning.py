@@ -147,3 +147,13 @@ MALLOC_ARENAS: Final = 2
 #: a field type) took the process to 2.7 GiB with 1 MiB fetches, 351 MiB with 256 KiB and
 #: 209 MiB with 80 KiB (the same run without dead letters: 137 MiB).
 READ_BACK_FETCH_BYTES: Final = 80 * 2**10
+
+#: `cmsync reconcile`: a destination whose listing made no progress for this long (Campaign
+#: Monitor unreachable, answering 5xx or 429 throughout) fails, and the command exits 1
+#: naming it; the gateway would otherwise retry it forever, as the service must.
+RECONCILE_STALL_S: Final = 120.0
+#: `cmsync reconcile`: listing pages of Active members read ahead while the state is still
+#: being restored (the restore of a million addresses takes ~9 s, the listing 100 s at 10
+#: requests/s: in parallel, not one after the other). About 1.3 KB a member as read:
+#: 50 pages, ~65 MiB at most.
+RECONCILE_READ_AHEAD_PAGES: Final = 50

@@ -25,6 +25,7 @@ from consumer.membership import (
     MemberState,
     MemberTable,
     ProfileChange,
+    Repair,
     StateFormatError,
     Verdict,
     normalise_address,
@@ -33,14 +34,17 @@ from consumer.membership.codec import (
     address_key,
     decode_address,
     decode_claim,
+    decode_claims_record,
     decode_member,
     encode_address,
     encode_claim,
     encode_member,
+    encode_repair,
     member_key,
     segment_prefix,
     split_key,
 )
+from consumer.membership.model import Filled
 
 VIP, NEWS = "vip", "news"  # segments
 LIST_A, LIST_B = "list-a", "list-b"
@@ -370,6 +374,84 @@ def test_removed_by_sync_survives_what_does_not_change_who_removed_it() -> None:
     assert not flag()
 
 
+def test_reassert_offers_the_desired_state_again_as_owed_with_the_next_revision() -> None:
+    p = Pipeline()
+    [added] = p.change(VIP, "ada", True, 1, "ada@x.io", {"city": "Oslo"})
+    p.addresses.record_applied(added, Applied.ACTIVE)
+    assert list(p.addresses.owed(LIST_A)) == []
+    repaired = p.addresses.repair(LIST_A, "ada@x.io", "reassert")
+    assert repaired is not None
+    assert (repaired.active, repaired.fields) == (True, {"city": "Oslo"})
+    assert repaired.revision == added.revision + 1
+    assert list(p.addresses.owed(LIST_A)) == [repaired]  # also for the next owner
+    p.restart()
+    assert list(p.addresses.owed(LIST_A)) == [repaired]
+    p.addresses.record_applied(repaired, Applied.ACTIVE)
+    assert list(p.addresses.owed(LIST_A)) == []
+
+
+def test_reassert_keeps_the_syncs_own_removal_so_deleted_only_brings_it_back() -> None:
+    p = Pipeline()
+    [added] = p.change(VIP, "ada", True, 1, "ada@x.io")
+    [removed] = p.change(VIP, "ada", False, 2)
+    p.addresses.record_applied(removed, Applied.REMOVED)
+    [back] = p.change(VIP, "ada", True, 3, "ada@x.io")
+    assert p.addresses.repair(LIST_A, "ada@x.io", "reassert") is not None
+    state = p.addresses.state(LIST_A, "ada@x.io")
+    assert state is not None
+    assert state.removed_by_sync
+    assert added.revision < back.revision
+
+
+def test_extra_is_removed_only_while_nobody_holds_it() -> None:
+    p = Pipeline()
+    [added] = p.change(VIP, "ada", True, 1, "ada@x.io")
+    assert p.addresses.repair(LIST_A, "ada@x.io", "extra") is None  # held: not an extra
+    assert p.addresses.repair(LIST_A, "hand@x.io", "reassert") is None  # nobody wants it
+    extra = p.addresses.repair(LIST_A, "hand@x.io", "extra")  # never seen by the sync
+    assert extra is not None
+    assert (extra.active, extra.revision) == (False, 1)
+    assert [d.address for d in p.addresses.owed(LIST_A)] == ["ada@x.io", "hand@x.io"]
+    p.addresses.record_applied(extra, Applied.REMOVED)
+    assert [d.address for d in p.addresses.owed(LIST_A)] == ["ada@x.io"]
+    assert added.active
+
+
+def test_an_extra_waits_for_the_backfill_of_its_list() -> None:
+    """A list configured anew is filled by backfills: until they are complete, an address
+    nobody holds may be held by a hold on its way, so a repair does not remove it."""
+    table = AddressTable(DictStore())
+    table.refit({LIST_A: frozenset({VIP})})
+    assert not table.complete(LIST_A)
+    assert table.repair(LIST_A, "hand@x.io", "extra") is None
+    table.filled(Filled(LIST_A, VIP, 0, 1))
+    assert table.complete(LIST_A)
+    removal = table.repair(LIST_A, "hand@x.io", "extra")
+    assert removal is not None
+    assert not removal.active
+
+
+@pytest.mark.parametrize("kind", ["reassert", "extra"])
+def test_a_repair_racing_a_newer_claim_never_undoes_it(kind: str) -> None:
+    """The reconcile read the list and the state; then a change came. Whichever of the change's
+    claim and the repair stage 2 takes first, the list ends as the change says."""
+    entered = kind == "reassert"  # what the reconcile saw: held (reassert) or not (extra)
+    for repair_first in (True, False):
+        p = Pipeline()
+        if entered:
+            p.change(VIP, "ada", True, 1, "ada@x.io")
+        newer = p.claims(VIP, "ada", not entered, 2, "ada@x.io").claims
+        if repair_first:
+            repaired = p.addresses.repair(LIST_A, "ada@x.io", kind)  # type: ignore[arg-type]
+            assert repaired is not None
+            [after] = p.deliver(newer)
+            assert after.revision > repaired.revision  # the buffer keeps the newer one
+        else:
+            p.deliver(newer)
+            assert p.addresses.repair(LIST_A, "ada@x.io", kind) is None  # type: ignore[arg-type]
+        assert p.addresses.desired(LIST_A, "ada@x.io").active is not entered
+
+
 def test_an_address_state_written_before_removed_by_sync_existed_reads_as_not_removed() -> None:
     state = AddressState(revision=3, applied=Applied.REMOVED, removed_by_sync=True)
     raw = encode_address(state)
@@ -440,6 +522,20 @@ def test_claim_round_trips(
 ) -> None:
     claim = Claim(list_id, address, (segment, profile), version, holds, fields)
     assert decode_claim(*encode_claim(claim)) == claim
+
+
+@pytest.mark.parametrize("kind", ["reassert", "extra"])
+def test_repairs_and_claims_share_the_claims_topic_without_confusion(kind: str) -> None:
+    claim = Claim("repair", "ada@x.io", ("repair", "extra"), (1, 2), True, {"repair": 1}, 3)
+    assert decode_claims_record(*encode_claim(claim)) == claim
+    repair = Repair(LIST_A, "ada@x.io", kind)  # type: ignore[arg-type]
+    key, value = encode_repair(repair)
+    assert key == address_key(LIST_A, "ada@x.io")  # same key: same partition, same order
+    assert decode_claims_record(key, value) == repair
+    with pytest.raises(StateFormatError, match="claim: malformed"):
+        decode_claim(key, value)  # what a release without repairs makes of one: refused
+    with pytest.raises(StateFormatError, match="unknown repair"):
+        decode_claims_record(key, value[:1] + msgspec.msgpack.encode({"repair": "drop"}))
 
 
 def test_equal_states_encode_to_equal_bytes_whatever_the_insertion_order() -> None:
@@ -519,7 +615,8 @@ class MembershipMachine(RuleBasedStateMachine):
         self.in_flight: list[Claim] = []
         self.delivered: list[Claim] = []
         self.seen: dict[tuple[str, str], Desired] = {}  # emitted, the latest per key
-        self.applied: dict[tuple[str, str], Desired] = {}
+        #: what the list shows per key: (active, fields), fields None when not known
+        self.applied: dict[tuple[str, str], tuple[bool, Fields | None]] = {}
 
     def _open_tables(self) -> None:
         self.members = MemberTable(self.member_store, self.lists_of)
@@ -642,7 +739,30 @@ class MembershipMachine(RuleBasedStateMachine):
         self.addresses.record_applied(
             desired, Applied.ACTIVE if desired.active else Applied.REMOVED
         )
-        self.applied[key] = desired
+        self.applied[key] = (desired.active, desired.fields)
+
+    @rule(
+        list_id=st.sampled_from(("L1", "L2", "L3")),
+        address=st.sampled_from(ADDRESSES),
+        kind=st.sampled_from(("reassert", "extra")),
+    )
+    def repair(self, list_id: str, address: str, kind: str) -> None:
+        """A repair of `cmsync reconcile`, taken whenever: it re-offers what is desired now
+        (reassert: only if active; extra: only if not), never changing it, and leaves it owed."""
+        key = (list_id, model_normalise(address))
+        before = self.addresses.desired(*key)
+        repaired = self.addresses.repair(*key, kind)  # type: ignore[arg-type]
+        if before.active != (kind == "reassert"):
+            assert repaired is None
+            return
+        assert repaired is not None
+        assert (repaired.active, repaired.fields) == (before.active, before.fields)
+        assert repaired.revision == before.revision + 1
+        self.seen[key] = repaired
+        if kind == "reassert":
+            self.applied.pop(key, None)  # unknown: owed
+        else:
+            self.applied[key] = (True, None)  # active in the list, fields not known
 
     def _apply(self, claim: Claim) -> None:
         desired = self.addresses.apply(claim)
@@ -695,8 +815,7 @@ class MembershipMachine(RuleBasedStateMachine):
             for (key_list, address), desired in self.seen.items():
                 if key_list != list_id:
                     continue
-                applied = self.applied.get((key_list, address))
-                applied_view = (False, {}) if applied is None else (applied.active, applied.fields)
+                applied_view = self.applied.get((key_list, address), (False, {}))
                 if applied_view != (desired.active, desired.fields):
                     expected.add(address)
             assert owed == expected

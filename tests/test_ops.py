@@ -174,7 +174,8 @@ def destinations_document(objects: list[dict[str, Any]]) -> tuple[str, str]:
 
 def test_kustomizations_render_every_kind() -> None:
     base = sorted(o["kind"] for o in _render("k8s/base"))
-    expected = ["ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget"]
+    expected = ["ConfigMap", "ConfigMap", "CronJob", "Deployment", "NetworkPolicy"]
+    expected += ["PodDisruptionBudget"]
     expected += ["Service", "ServiceAccount", "ServiceMonitor"]
     assert base == expected  # no Secret: `apply -k` must never overwrite the real one
     example = sorted(o["kind"] for o in _render("k8s/overlays/example"))
@@ -419,6 +420,65 @@ def test_pod_is_locked_down(rendered: list[dict[str, Any]]) -> None:
     # using what its limit grants.
     assert resources["requests"]["memory"] == resources["limits"]["memory"]
     assert container(rendered)["args"] == ["run"]
+
+
+def _reconcile_job(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the CronJob's spec, its pod's spec)."""
+    cron = by_name(objects, "CronJob", "cmsync-reconcile")["spec"]
+    return cron, cron["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def _same_pod_as_the_deployment(objects: list[dict[str, Any]]) -> None:
+    """The reconcile Job's pod runs what the Deployment runs, with what it runs with."""
+    deployment = the(objects, "Deployment")["spec"]["template"]["spec"]
+    _, pod = _reconcile_job(objects)
+    [job] = pod["containers"]
+    service = container(objects)
+    for key in ("image", "envFrom", "env", "resources", "securityContext"):
+        assert job.get(key) == service.get(key), key
+    assert job["args"] == ["reconcile"]
+    for key in ("securityContext", "serviceAccountName", "automountServiceAccountToken"):
+        assert pod[key] == deployment[key], key
+    # Every mount of the service but its state directory (the Job restores into /tmp).
+    volumes = {v["name"]: v for v in deployment["volumes"] if v["name"] != "state"}
+    assert {v["name"]: v for v in pod["volumes"] if v["name"] != "tmp"} == {
+        name: v for name, v in volumes.items() if name != "tmp"
+    }
+    service_mounts = [m for m in service["volumeMounts"] if m["name"] != "state"]
+    assert job["volumeMounts"] == service_mounts
+
+
+def test_reconcile_cronjob_runs_nightly_one_at_a_time_like_the_deployment(
+    rendered: list[dict[str, Any]],
+) -> None:
+    cron, pod = _reconcile_job(rendered)
+    assert cron["concurrencyPolicy"] == "Forbid"
+    minute, hour, *every_day = cron["schedule"].split()
+    assert every_day == ["*", "*", "*"]
+    assert minute.isdigit()
+    assert hour.isdigit()
+    assert pod["restartPolicy"] == "Never"
+    _same_pod_as_the_deployment(rendered)
+    labels = cron["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    policy = the(rendered, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+    assert _selects(policy, labels)  # the Job reaches Kafka and Campaign Monitor too
+    # It serves nothing: no port, no probe, not behind the Service.
+    assert not _selects(the(rendered, "Service")["spec"]["selector"], labels)
+    [job] = pod["containers"]
+    assert not {"ports", "livenessProbe", "readinessProbe", "startupProbe"} & set(job)
+
+
+def test_reconcile_cronjob_gets_the_kafka_client_certificate_too(tmp_path: Path) -> None:
+    objects = render_with(tmp_path, ["kafka-mtls"])
+    _same_pod_as_the_deployment(objects)
+    _, pod = _reconcile_job(objects)
+    assert "kafka-tls" in {v["name"] for v in pod["volumes"]}
+
+
+def test_the_documented_on_demand_reconcile_names_the_cronjob() -> None:
+    command = "kubectl create job --from=cronjob/cmsync-reconcile cmsync-reconcile-now"
+    assert command in (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert command in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_network_policy_allows_what_the_service_needs(rendered: list[dict[str, Any]]) -> None:
@@ -1424,12 +1484,24 @@ def check_kubectl(words: list[str], tmp_path: Path) -> None:
             f"the documented Secret has {keys}, the Deployment reads {referenced}"
         )
         return
+    if verb == "create" and args[1] == "job":  # a Job from the reconcile CronJob, now
+        [source] = [a.removeprefix("--from=") for a in args if a.startswith("--from=")]
+        kind, name = source.split("/")
+        assert kind == "cronjob"
+        by_name(example, "CronJob", name)
+        assert args[-1].startswith(name), "the documented Job is named after its CronJob"
+        return
     pod_labels = the(example, "Deployment")["spec"]["template"]["metadata"]["labels"]
     for selector in [args[i + 1] for i, a in enumerate(args) if a == "-l"]:
         key, value = selector.split("=")
         assert pod_labels.get(key) == value, selector
     for ref in [a for a in args if "/" in a]:
         kind, name = ref.split("/")
+        if kind == "job":  # the one documented above (`create job`)
+            assert name.startswith(
+                by_name(example, "CronJob", "cmsync-reconcile")["metadata"]["name"]
+            )
+            continue
         assert kind == "deployment"
         assert the(example, "Deployment")["metadata"]["name"] == name
     assert verb in ("get", "describe", "logs", "rollout"), f"unchecked kubectl {verb}"

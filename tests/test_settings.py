@@ -427,6 +427,19 @@ def test_unsubscribe_all_client_lists_is_a_boolean_false_by_default(tmp_path: Pa
     )
 
 
+def test_extras_is_keep_by_default_and_remove_on_request(tmp_path: Path) -> None:
+    def destination(extra: str) -> Destination:
+        (dest,) = load_settings(base_env(write(tmp_path, D + extra))).destinations
+        return dest
+
+    assert destination("").extras == "keep"
+    assert destination('extras = "Remove"\n').extras == "remove"
+    problem = only_problem(destination_problems(tmp_path, D + 'extras = "delete"\n'))
+    assert problem == (
+        'destination #1 "vip": "extras" must be one of "keep", "remove", got \'delete\''
+    )
+
+
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [

@@ -859,6 +859,14 @@ class SimState:
             self.suppress(lst.owner, sub.email, now=now, reason=reason)
         return sub
 
+    def forget(self, lst: SimList, email: str) -> None:
+        """Test hook: take an address off the list without a trace, in no state at all (as if
+        the row had never been there: a list restored from an older export)."""
+        sub = lst.subscribers.pop(email.lower(), None)
+        if sub is not None:
+            lst.counts[sub.state] -= 1
+            lst.versions[sub.state] += 1
+
     # reads -----------------------------------------------------------------------------------
     def get(self, lst: SimList, email: str) -> Subscriber:
         sub = lst.subscribers.get(_checked_key(email))

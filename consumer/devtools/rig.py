@@ -122,6 +122,7 @@ class Dest:
     fields: tuple[CustomFieldSpec, ...] | None = None
     confirmed_opt_in: bool = False
     unsubscribe_all_client_lists: bool = False
+    extras: str = "keep"
 
     def toml(self, list_id: str) -> str:
         """The destination's `[[destination]]` table, writing to `list_id`."""
@@ -142,6 +143,7 @@ removal = "{self.removal}"
 resubscribe = "{self.resubscribe}"
 consent_to_track = "{self.consent_to_track}"
 unsubscribe_all_client_lists = {"true" if self.unsubscribe_all_client_lists else "false"}
+extras = "{self.extras}"
 
 [destination.custom_fields]
 {fields}"""

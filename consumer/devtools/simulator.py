@@ -461,6 +461,11 @@ class Simulator:
             self._list(list_id), email, state, now=self._now(), name=name, suppress=suppress
         )
 
+    def forget(self, list_id: str, email: str) -> None:
+        """Take an address off a list without a trace (`SimState.forget`): drift a reconcile
+        finds missing."""
+        self.state.forget(self._list(list_id), email)
+
     def request_counts(self) -> dict[str, dict[str, int]]:
         """endpoint -> str(status) (or "dropped") -> requests."""
         return {endpoint: dict(by_status) for endpoint, by_status in self._counts.items()}

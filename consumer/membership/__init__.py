@@ -48,6 +48,8 @@ from consumer.membership.model import (
     Member,
     MemberState,
     ProfileChange,
+    Repair,
+    RepairKind,
     Verdict,
     Version,
 )
@@ -69,6 +71,8 @@ __all__ = [
     "MemberState",
     "MemberTable",
     "ProfileChange",
+    "Repair",
+    "RepairKind",
     "StateFormatError",
     "Store",
     "Verdict",

@@ -14,6 +14,9 @@ Invariants (they carry guarantee 2 across profiles, segments and partitions):
 * `apply` returns a `Desired` only when the desired state changed (activity, or the fields
   while active), with a revision one above the previous: the revisions of one key increase
   strictly, whatever the event times behind them.
+* A repair (`cmsync reconcile`) carries no value: `repair` re-offers what is desired when it is
+  taken, with the next revision, so it can never undo a newer claim (that claim either came
+  first and decided what is desired, or comes later with a higher revision still).
 * What the sync last did is recorded by `record_applied`; `owed` lists the keys whose desired
   state is not what was applied, or whose last write's outcome is unknown (SENDING: the
   process died with it in flight), to feed the buffer again after a restore.
@@ -56,6 +59,7 @@ from consumer.membership.model import (
     Holding,
     Member,
     Origin,
+    RepairKind,
 )
 from consumer.membership.store import Store
 
@@ -131,6 +135,35 @@ class AddressTable:
             return None
         return _desired(claim.list_id, claim.address, state, after)
 
+    def repair(self, list_id: str, address: str, kind: RepairKind) -> Desired | None:
+        """Take a repair of `cmsync reconcile`: the desired state to offer again, or None when
+        there is nothing to repair any more (a change newer than the reconcile's reading
+        decided otherwise).
+
+        ``reassert`` (the list lacks the address or shows other fields): if the address is
+        desired active now, it gets the next revision and what was applied becomes unknown
+        (NOTHING), so it is owed, also to the next owner after a crash. ``extra`` (the list
+        shows it active, no member holds it): if nobody holds it now, the next revision, not
+        active, and the list is recorded as showing it (ACTIVE, fields unknown), so the
+        removal is owed; the flusher removes it with its consent checks. Not while the list is
+        being backfilled (`complete`): its holder may be a hold still on its way."""
+        key = address_key(list_id, address)
+        state = self._load(key)
+        wanted = _wanted(state)
+        if wanted[0] != (kind == "reassert"):
+            return None
+        if kind == "extra" and not self.complete(list_id):
+            return None
+        state.revision += 1
+        if kind == "reassert":
+            state.applied = Applied.NOTHING
+        else:
+            state.applied = Applied.ACTIVE
+            state.removed_by_sync = False  # active in the list: not the sync's removal now
+        state.applied_fingerprint = b""
+        self._store.put(key, encode_address(state))
+        return _desired(list_id, address, state, wanted)
+
     def state(self, list_id: str, address: str) -> AddressState | None:
         """The stored state of one (list, address), or None."""
         raw = self._store.get(address_key(list_id, address))
@@ -174,6 +207,12 @@ class AddressTable:
         """The desired state of every address of ``list_id`` this store knows, in key order."""
         for key, raw in self._store.scan(list_prefix(list_id)):
             yield _desired(list_id, split_key(key)[1], decode_address(raw))
+
+    def states(self, list_id: str) -> Iterator[tuple[str, AddressState]]:
+        """(address, stored state) of every address of ``list_id`` this store knows, in key
+        order (`cmsync reconcile`: who should be in the list, and who the sync removed)."""
+        for key, raw in self._store.scan(list_prefix(list_id)):
+            yield split_key(key)[1], decode_address(raw)
 
     def owed(self, list_id: str) -> Iterator[Desired]:
         """The desired states of ``list_id`` that differ from what the sync last applied

@@ -5,7 +5,10 @@ Keys sort by their first part, so one segment's members (one list's addresses) a
 scan: a 2-byte big-endian length, the first part in UTF-8, then the second part in UTF-8 (a
 length prefix, not a separator: ids may contain any character).
 
-Values are a format version byte (`FORMAT_VERSION`) followed by a MessagePack array. A reader
+Values are a format version byte (`FORMAT_VERSION`) followed by a MessagePack array; on the
+claims topic a *repair* (`cmsync reconcile`) is a MessagePack map instead (``{"repair": kind}``),
+so it cannot be mistaken for a claim or a `Filled` whatever the ids. A release older than
+repairs refuses one as malformed (docs/upgrade.md: every pod on this release first). A reader
 refuses a version byte it does not know (`StateFormatError`) rather than guess: state written
 by a newer release must not be misread by an older one during a rolling upgrade. Field maps are
 encoded with sorted keys, so equal fields give equal bytes and `fingerprint` is stable across
@@ -33,6 +36,7 @@ from consumer.membership.model import (
     Holding,
     Member,
     MemberState,
+    Repair,
 )
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "encode_fill",
     "encode_filled",
     "encode_member",
+    "encode_repair",
     "encode_routes",
     "fill_key",
     "fingerprint",
@@ -274,7 +279,17 @@ def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
 
 
 def decode_claim(key: bytes, value: bytes) -> Claim:
-    return _claim(key, _body(value, "claim"))
+    return _claim(key, _checked_body(value, "claim"))
+
+
+def _checked_body(value: bytes, what: str) -> Any:
+    """`_body`, a damaged value raising `StateFormatError`."""
+    try:
+        return _body(value, what)
+    except StateFormatError:
+        raise
+    except _MALFORMED as exc:
+        raise StateFormatError(f"{what}: malformed value") from exc
 
 
 def _claim(key: bytes, body: Any) -> Claim:
@@ -302,10 +317,24 @@ def encode_filled(filled: Filled) -> tuple[bytes, bytes]:
     )
 
 
-def decode_claims_record(key: bytes, value: bytes) -> Claim | Filled:
-    """A record of the repartition topic: a `Claim`, or a `Filled` (four elements, the
-    first one ``"filled"``; a claim has seven)."""
-    body = _body(value, "claim")
+_REPAIR_KINDS: Final = ("reassert", "extra")
+
+
+def encode_repair(repair: Repair) -> tuple[bytes, bytes]:
+    """The claims topic record of a repair: (`address_key`, ``{"repair": kind}``)."""
+    return address_key(repair.list_id, repair.address), _HEADER + _pack({"repair": repair.kind})
+
+
+def decode_claims_record(key: bytes, value: bytes) -> Claim | Filled | Repair:
+    """A record of the repartition topic: a `Claim`, a `Filled` (four elements, the first one
+    ``"filled"``; a claim has seven), or a `Repair` (a map, ``{"repair": kind}``)."""
+    body = _checked_body(value, "claim")
+    if isinstance(body, dict):
+        kind = body.get("repair")
+        if kind == "reassert" or kind == "extra":
+            list_id, address = split_key(key)
+            return Repair(list_id, address, kind)
+        raise StateFormatError(f"claims record: unknown repair (expected one of {_REPAIR_KINDS})")
     if isinstance(body, list) and len(body) == 4 and body[0] == "filled":
         list_id, _ = split_key(key)
         try:

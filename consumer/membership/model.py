@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 __all__ = [
     "AddressState",
@@ -23,6 +23,8 @@ __all__ = [
     "MemberState",
     "Origin",
     "ProfileChange",
+    "Repair",
+    "RepairKind",
     "Verdict",
     "Version",
 ]
@@ -94,6 +96,24 @@ class Claim:
     fields: Fields = field(default_factory=dict, repr=False)
     #: the input partition of the member's change (with ``version``'s offset: where it is)
     partition: int = 0
+
+
+#: What a repair asks of stage 2 (`cmsync reconcile`): ``reassert`` the desired state of an
+#: address the list shows wrongly (missing, or stale fields), or remove an ``extra`` address that
+#: is active in the list although no member holds it.
+RepairKind = Literal["reassert", "extra"]
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """`cmsync reconcile` → stage 2, keyed like a claim: re-apply what is desired *now* for
+    (list_id, address). It carries no value to write, so it can never override a change newer
+    than the reconcile's reading: stage 2 takes it in order with the claims of that key, and
+    decides from the state as it is then (`AddressTable.repair`)."""
+
+    list_id: str
+    address: str = field(repr=False)
+    kind: RepairKind
 
 
 class Verdict(NamedTuple):
