@@ -50,7 +50,6 @@ from consumer.flusher import Original
 from consumer.intake import Intake
 from consumer.membership import changelog
 from consumer.membership.changelog import InternalTopics
-from consumer.membership.codec import decode_claim
 from consumer.membership.model import Applied, Desired, ProfileChange
 from consumer.membership.stages import Durable, StageOne, StageTwo
 from consumer.rows import Wanted, payload_bytes, view_of, wanted
@@ -258,12 +257,12 @@ class MembershipState:
         stage = room.stage
         assert isinstance(stage, StageTwo)
         changed: list[tuple[Desired, int, int]] = []
+        apply = stage.apply_encoded
         async with room.lock:
             for record in records:
-                claim = decode_claim(record.key, record.value)
-                desired = stage.apply(claim)
+                desired, occurred_at_ms = apply(record.key, record.value)
                 if desired is not None:
-                    changed.append((desired, claim.version[0], record.offset))
+                    changed.append((desired, occurred_at_ms, record.offset))
             await self._checkpoint_two(room)
         self._claims_done[partition] = records[-1].offset + 1
         self._offer(partition, changed)
@@ -272,10 +271,11 @@ class MembershipState:
         now = self._clock()
         targets = self._targets
         held = 0
-        woken: set[str] = set()
+        touched: dict[str, Target] = {}
         late = 0
         for desired, occurred_at_ms, offset in changed:
-            target = targets.get(desired.list_id)
+            list_id = desired.list_id
+            target = targets.get(list_id)
             if target is None:  # a list no destination writes any more
                 continue
             revision = desired.revision
@@ -295,11 +295,12 @@ class MembershipState:
             held += 1 - len(done)
             if outcome is Offered.LATE:
                 late += 1
-            if target.buffer.full_import_ready():
-                woken.add(desired.list_id)
+            touched[list_id] = target
         self._in_buffers[partition] = self._in_buffers.get(partition, 0) + held
-        for list_id in woken:
-            targets[list_id].wake()
+        # Asked once per list after the batch: the flushers run only after it anyway.
+        for target in touched.values():
+            if target.buffer.full_import_ready():
+                target.wake()
         if late:
             obs.events_skipped.labels(reason="late").inc(late)
 

@@ -14,6 +14,11 @@ processes and releases (it is not Python's salted ``hash``).
 `encode_address` returns None when a state holds nothing worth keeping: the caller deletes the
 key and writes a tombstone to the changelog. Under the rules of this package that only happens
 to a state that was never written (releases and what was applied are kept; see the tables).
+
+Stage 2's hot path reads and writes an address state as typed rows (`AddressRows`,
+`HoldingRow`: msgspec structs decoded and encoded in one C pass, the same bytes as
+`encode_address` writes), without building the model's objects; `decode_address` and
+`encode_address` are the model's view of the same values.
 """
 
 from __future__ import annotations
@@ -36,12 +41,17 @@ from consumer.membership.model import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "AddressRows",
+    "HoldingRow",
     "StateFormatError",
     "address_key",
     "decode_address",
+    "decode_address_rows",
     "decode_claim",
+    "decode_claim_row",
     "decode_member",
     "encode_address",
+    "encode_address_rows",
     "encode_claim",
     "encode_member",
     "fingerprint",
@@ -67,6 +77,41 @@ class StateFormatError(ValueError):
     Fatal for the partition being restored: skipping the record would silently lose state.
     The message names the format, never the content.
     """
+
+
+class HoldingRow(msgspec.Struct, array_like=True, gc=False):
+    """One member's latest claim at one (list, address), as encoded: ``[segment, profile,
+    occurred_at_ms, offset, holds, fields | nil, input partition]`` (a claim's value, and a row
+    of an address state). ``fields`` is None when empty. Not tracked by the cyclic GC: it
+    holds no container that could refer back to it."""
+
+    segment: str
+    profile: str
+    occurred_at_ms: int
+    offset: int
+    holds: bool
+    fields: dict[str, Any] | None
+    partition: int
+
+    def __repr__(self) -> str:  # personal data (the profile, its fields) stays out
+        return f"HoldingRow(holds={self.holds}, partition={self.partition})"
+
+
+class AddressRows(msgspec.Struct, array_like=True, gc=False):
+    """Stage 2's value as encoded (see `encode_address`); ``holders`` sorted by member."""
+
+    revision: int
+    applied: Applied
+    applied_fingerprint: bytes
+    holders: list[HoldingRow]
+    removed_by_sync: bool = False
+
+    def __repr__(self) -> str:  # the holders carry personal data
+        return f"AddressRows(revision={self.revision}, applied={self.applied!r})"
+
+
+_claim_row = msgspec.msgpack.Decoder(HoldingRow).decode
+_address_rows = msgspec.msgpack.Decoder(AddressRows).decode
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -178,6 +223,22 @@ def encode_address(state: AddressState) -> bytes | None:
     )
 
 
+def decode_address_rows(raw: bytes) -> AddressRows:
+    """`decode_address` as rows (stage 2's hot path)."""
+    if raw[:1] != _HEADER:
+        _body(raw, "address state")  # raises the format error
+    try:
+        return _address_rows(memoryview(raw)[1:])
+    except _MALFORMED as exc:
+        raise StateFormatError("address state: malformed value") from exc
+
+
+def encode_address_rows(rows: AddressRows) -> bytes:
+    """`encode_address` of rows: the same bytes for the same state (rows never hold nothing:
+    no tombstone here)."""
+    return _HEADER + _pack(rows)
+
+
 def decode_address(raw: bytes) -> AddressState:
     try:
         revision, applied, applied_fingerprint, rows, *rest = _body(raw, "address state")
@@ -203,6 +264,16 @@ def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
     return address_key(claim.list_id, claim.address), _HEADER + _pack(
         _holding_row(claim.member, holding)
     )
+
+
+def decode_claim_row(value: bytes) -> HoldingRow:
+    """A claim's value as a row (stage 2's hot path; the key says the list and address)."""
+    if value[:1] != _HEADER:
+        _body(value, "claim")  # raises the format error
+    try:
+        return _claim_row(memoryview(value)[1:])
+    except _MALFORMED as exc:
+        raise StateFormatError("claim: malformed value") from exc
 
 
 def decode_claim(key: bytes, value: bytes) -> Claim:

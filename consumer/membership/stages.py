@@ -152,6 +152,11 @@ class StageTwo:
         """Take one claim; the new desired state of its (list, address) if it changed."""
         return self.table.apply(claim)
 
+    def apply_encoded(self, key: bytes, value: bytes) -> tuple[Desired | None, int]:
+        """`apply` of a claims record (`AddressTable.apply_encoded`): (the new desired state or
+        None, the claim's ``occurred_at_ms``)."""
+        return self.table.apply_encoded(key, value)
+
     def record_applied(self, desired: Desired, outcome: Applied) -> None:
         """What the sync wrote for ``desired`` (see `AddressTable.record_applied`)."""
         self.table.record_applied(desired, outcome)
