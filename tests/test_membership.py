@@ -93,6 +93,41 @@ class Pipeline:
         return {d.address: d.fields for d in self.addresses.addresses(list_id) if d.active}
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(({"L1": ("city",), "L2": ("city", "name")}, {"L1": ("city",)})),
+    st.lists(
+        st.tuples(
+            st.sampled_from(("s1", "s2")),
+            st.sampled_from(("p1", "p2")),
+            st.booleans(),
+            st.integers(0, 3),
+            st.sampled_from(("a@x.io", "B@x.io", " b@X.io")),
+            st.dictionaries(st.sampled_from(("city", "name", "tier")), st.sampled_from(("x", 1))),
+        ),
+        max_size=12,
+    ),
+)
+def test_encoded_claims_are_the_claims_encoded(
+    fields_of: dict[str, tuple[str, ...]],
+    changes: list[tuple[str, str, bool, int, str, Fields]],
+) -> None:
+    """`MemberTable.apply_encoded` (the service's path) stores the same state and makes the
+    same claim records as `apply` followed by `encode_claim` (a list without ``fields_of``
+    takes every field)."""
+    lists_of = {"s1": ("L1", "L2"), "s2": ("L2",)}
+    one, two = DictStore(), DictStore()
+    by_objects = MemberTable(one, lists_of, 3, fields_of)
+    encoded = MemberTable(two, lists_of, 3, fields_of)
+    for offset, (segment, profile, entered, at, address, fields) in enumerate(changes):
+        change = ProfileChange(segment, profile, entered, at, offset, address, fields)
+        verdict = by_objects.apply(change)
+        records: list[tuple[bytes, bytes]] = []
+        assert encoded.apply_encoded(change, records) == verdict.accepted
+        assert records == [encode_claim(claim) for claim in verdict.claims]
+        assert one.data == two.data
+
+
 # -- normalisation ---------------------------------------------------------------------------
 
 
@@ -572,7 +607,13 @@ class MembershipMachine(RuleBasedStateMachine):
             (c.version for c in self.inputs if (c.segment_id, c.profile_id) == (segment, profile)),
             default=None,
         )
-        verdict = self.members.apply(change)
+        # Both ways, alternately: claims as objects, and encoded as stage 1 sends them.
+        if change.offset % 2:
+            verdict = self.members.apply(change)
+        else:
+            records: list[tuple[bytes, bytes]] = []
+            accepted = self.members.apply_encoded(change, records)
+            verdict = Verdict(accepted, [decode_claim(key, value) for key, value in records])
         assert verdict.accepted == (newest is None or change.version > newest)
         assert verdict.accepted or not verdict.claims
         self.inputs.append(change)

@@ -43,17 +43,21 @@ __all__ = [
     "FORMAT_VERSION",
     "AddressRows",
     "HoldingRow",
+    "MemberRow",
     "StateFormatError",
     "address_key",
+    "claim_value",
     "decode_address",
     "decode_address_rows",
     "decode_claim",
     "decode_claim_row",
     "decode_member",
+    "decode_member_row",
     "encode_address",
     "encode_address_rows",
     "encode_claim",
     "encode_member",
+    "encode_member_row",
     "fingerprint",
     "list_prefix",
     "member_key",
@@ -110,7 +114,21 @@ class AddressRows(msgspec.Struct, array_like=True, gc=False):
         return f"AddressRows(revision={self.revision}, applied={self.applied!r})"
 
 
+class MemberRow(msgspec.Struct, array_like=True, gc=False):
+    """Stage 1's value as encoded (see `encode_member`)."""
+
+    in_segment: bool
+    occurred_at_ms: int
+    offset: int
+    address: str | None
+    fields: dict[str, Any] | None
+
+    def __repr__(self) -> str:  # the address and fields are personal data
+        return f"MemberRow(in_segment={self.in_segment})"
+
+
 _claim_row = msgspec.msgpack.Decoder(HoldingRow).decode
+_member_row = msgspec.msgpack.Decoder(MemberRow).decode
 _address_rows = msgspec.msgpack.Decoder(AddressRows).decode
 
 
@@ -176,9 +194,24 @@ def _body(raw: bytes, what: str) -> Any:
 def encode_member(state: MemberState) -> bytes:
     """Stage 1's value: ``[in, occurred_at_ms, offset, address | nil, fields | nil]``."""
     occurred_at_ms, offset = state.version
-    return _HEADER + _pack(
-        [state.in_segment, occurred_at_ms, offset, state.address, state.fields or None]
-    )
+    return encode_member_row(state.in_segment, occurred_at_ms, offset, state.address, state.fields)
+
+
+def encode_member_row(
+    in_segment: bool, occurred_at_ms: int, offset: int, address: str | None, fields: Fields
+) -> bytes:
+    """`encode_member` of its parts (stage 1's hot path: no `MemberState` made)."""
+    return _HEADER + _pack([in_segment, occurred_at_ms, offset, address, fields or None])
+
+
+def decode_member_row(raw: bytes) -> MemberRow:
+    """`decode_member` as a row (stage 1's hot path)."""
+    if raw[:1] != _HEADER:
+        _body(raw, "member state")  # raises the format error
+    try:
+        return _member_row(memoryview(raw)[1:])
+    except _MALFORMED as exc:
+        raise StateFormatError("member state: malformed value") from exc
 
 
 def decode_member(raw: bytes) -> MemberState:
@@ -260,9 +293,27 @@ def decode_address(raw: bytes) -> AddressState:
 
 def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
     """The repartition record of a claim: (`address_key`, value)."""
-    holding = Holding(claim.version, claim.holds, claim.fields, claim.partition)
-    return address_key(claim.list_id, claim.address), _HEADER + _pack(
-        _holding_row(claim.member, holding)
+    segment, profile = claim.member
+    occurred_at_ms, offset = claim.version
+    value = claim_value(
+        segment, profile, occurred_at_ms, offset, claim.holds, claim.fields, claim.partition
+    )
+    return address_key(claim.list_id, claim.address), value
+
+
+def claim_value(
+    segment: str,
+    profile: str,
+    occurred_at_ms: int,
+    offset: int,
+    holds: bool,
+    fields: Fields,
+    partition: int,
+) -> bytes:
+    """A claim's value (`encode_claim`) of its parts: a `HoldingRow`, ``fields`` nil when
+    empty (stage 1's hot path: no `Claim` made)."""
+    return _HEADER + _pack(
+        [segment, profile, occurred_at_ms, offset, holds, fields or None, partition]
     )
 
 

@@ -40,6 +40,7 @@ the restored table takes as it took them the first time.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import zlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,16 +92,16 @@ class StageOne:
         self.table = MemberTable(state.store, lists_of, state.partition, fields_of)
         self._claims_topic = claims_topic
         self._claims: list[Claim] = []
+        self._records: list[tuple[bytes, bytes]] = []  # claims of `apply`, encoded
 
     @property
     def pending_claims(self) -> int:
-        return len(self._claims)
+        return len(self._claims) + len(self._records)
 
     def apply(self, change: ProfileChange) -> Verdict:
-        """Decide one change; its claims wait for the next checkpoint."""
-        verdict = self.table.apply(change)
-        self._claims += verdict.claims
-        return verdict
+        """Decide one change; its claims wait for the next checkpoint, encoded (the verdict
+        carries none: `MemberTable.apply` returns them as objects)."""
+        return Verdict(self.table.apply_encoded(change, self._records), [])
 
     def backfill(self, segment_id: str, list_id: str) -> int:
         """Queue the holds that fill ``list_id`` with ``segment_id``'s current members of this
@@ -116,13 +117,14 @@ class StageOne:
         must read the input again from its committed offset (or give the partition up), which
         decides the same changes again."""
         claims, self._claims = self._claims, []
+        records, self._records = self._records, []
         try:
             partitions = sorted(await self.state.producer.partitions_for(self._claims_topic))
+            count = len(partitions)
             by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-            for claim in claims:
-                key, value = encode_claim(claim)
-                partition = partitions[claim_partition(key, len(partitions))]
-                by_partition.setdefault(partition, []).append((key, value))
+            for record in itertools.chain(records, map(encode_claim, claims)):
+                partition = partitions[claim_partition(record[0], count)]
+                by_partition.setdefault(partition, []).append(record)
             producer = self.state.producer
             written = await asyncio.gather(
                 *(
