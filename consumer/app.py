@@ -74,6 +74,7 @@ from consumer.tuning import (
     MALLOC_ARENAS,
     READ_BACK_FETCH_BYTES,
     REVOKE_BUDGET_S,
+    STATE_BATCH_BYTES,
     STATE_LINGER_MS,
 )
 
@@ -461,7 +462,9 @@ class Service:
         it cancels the dead letters in flight, stops the clients and closes the session (and
         removes a temporary state directory)."""
         kafka = self.settings.kafka.client_kwargs()
-        producer = AIOKafkaProducer(acks="all", linger_ms=STATE_LINGER_MS, **kafka)
+        producer = AIOKafkaProducer(
+            acks="all", linger_ms=STATE_LINGER_MS, max_batch_size=STATE_BATCH_BYTES, **kafka
+        )
         restorer = AIOKafkaConsumer(
             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **kafka
         )
