@@ -82,6 +82,7 @@ from consumer.tuning import (
     READ_BACK_FETCH_BYTES,
     RELOAD_POLL_S,
     REVOKE_BUDGET_S,
+    STATE_BATCH_BYTES,
     STATE_LINGER_MS,
 )
 
@@ -611,7 +612,9 @@ class Service:
         it cancels the dead letters in flight, stops the clients and closes the session (and
         removes a temporary state directory)."""
         kafka = self.settings.kafka.client_kwargs()
-        producer = AIOKafkaProducer(acks="all", linger_ms=STATE_LINGER_MS, **kafka)
+        producer = AIOKafkaProducer(
+            acks="all", linger_ms=STATE_LINGER_MS, max_batch_size=STATE_BATCH_BYTES, **kafka
+        )
         restorer = AIOKafkaConsumer(
             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **kafka
         )

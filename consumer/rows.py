@@ -59,16 +59,20 @@ def payload_bytes(desired: Desired) -> int:
 
     Counted even when shared with another object (a field name decoded once and cached by the
     decoder): an estimate that errs on the high side keeps the bound a bound."""
+    fields = desired.fields
     size = WANTED_BYTES + getsizeof(desired.address) + getsizeof(desired.list_id)
     origin = desired.origin
     if origin is not None:
         size += ORIGIN_BYTES + getsizeof(origin.profile_id)
-    fields = desired.fields
     size += getsizeof(fields)
-    for key, value in fields.items():
-        size += getsizeof(key)
-        if isinstance(value, list):
-            size += getsizeof(value) + sum(getsizeof(item) for item in value)
+    if not fields:
+        return size
+    size += sum(map(getsizeof, fields))  # the keys
+    for value in fields.values():
+        if isinstance(value, str):  # the common case first
+            size += getsizeof(value)
+        elif isinstance(value, list):
+            size += getsizeof(value) + sum(map(getsizeof, value))
         elif value is not None and value is not True and value is not False:
             size += getsizeof(value)
     return size

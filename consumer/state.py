@@ -51,7 +51,7 @@ from consumer.flusher import Original
 from consumer.intake import Intake
 from consumer.membership import changelog
 from consumer.membership.changelog import InternalTopics
-from consumer.membership.codec import decode_claims_record
+from consumer.membership.codec import decode_claims_record, is_claim_value
 from consumer.membership.model import Applied, Desired, Filled, ProfileChange, Repair
 from consumer.membership.stages import Durable, StageOne, StageTwo
 from consumer.rows import Wanted, payload_bytes, view_of, wanted
@@ -469,20 +469,24 @@ class MembershipState:
         assert isinstance(stage, StageTwo)
         changed: list[tuple[Desired, int, int]] = []
         repairs: list[Repair] = []
+        apply = stage.apply_encoded
         async with room.lock:
             for record in records:
-                claim = decode_claims_record(record.key, record.value)
-                if isinstance(claim, Filled):
-                    now_ms = int(self._wall_clock() * 1000)
-                    changed += ((d, now_ms, record.offset) for d in stage.filled(claim))
-                    continue
-                if isinstance(claim, Repair):  # cmsync reconcile: offer what is desired now
-                    repairs.append(claim)
-                    desired = stage.table.repair(claim.list_id, claim.address, claim.kind)
-                    occurred_at_ms = record.timestamp  # when the reconcile asked
+                if is_claim_value(record.value):
+                    desired, occurred_at_ms = apply(record.key, record.value)
                 else:
-                    desired = stage.apply(claim)
-                    occurred_at_ms = claim.version[0]
+                    other = decode_claims_record(record.key, record.value)
+                    if isinstance(other, Filled):
+                        now_ms = int(self._wall_clock() * 1000)
+                        changed += ((d, now_ms, record.offset) for d in stage.filled(other))
+                        continue
+                    if not isinstance(other, Repair):  # a claim: stage 1 writes none this way
+                        desired = stage.apply(other)
+                        occurred_at_ms = other.version[0]
+                    else:  # cmsync reconcile: offer what is desired now
+                        repairs.append(other)
+                        desired = stage.table.repair(other.list_id, other.address, other.kind)
+                        occurred_at_ms = record.timestamp  # when the reconcile asked
                 if desired is not None:
                     changed.append((desired, occurred_at_ms, record.offset))
             await self._checkpoint_two(room)
@@ -503,10 +507,11 @@ class MembershipState:
         now = self._clock()
         targets = self._targets
         held = 0
-        woken: set[str] = set()
+        touched: dict[str, Target] = {}
         late = 0
         for desired, occurred_at_ms, offset in changed:
-            target = targets.get(desired.list_id)
+            list_id = desired.list_id
+            target = targets.get(list_id)
             if target is None:  # a list no destination writes any more
                 continue
             revision = desired.revision
@@ -526,11 +531,12 @@ class MembershipState:
             held += 1 - len(done)
             if outcome is Offered.LATE:
                 late += 1
-            if target.buffer.full_import_ready():
-                woken.add(desired.list_id)
+            touched[list_id] = target
         self._in_buffers[partition] = self._in_buffers.get(partition, 0) + held
-        for list_id in woken:
-            targets[list_id].wake()
+        # Asked once per list after the batch: the flushers run only after it anyway.
+        for target in touched.values():
+            if target.buffer.full_import_ready():
+                target.wake()
         if late:
             obs.events_skipped.labels(reason="late").inc(late)
 

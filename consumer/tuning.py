@@ -121,7 +121,13 @@ CONNECTION_LIMIT: Final = 16
 #: How often the service looks again for an input topic that does not exist yet.
 INPUT_TOPIC_RETRY_S: Final = 5.0
 #: The state producer's linger: claims and changelog records of one batch go out together.
+#: `changelog.send_batched` closes its batches (they are complete when sent), so they do not
+#: wait for it; it is for whatever else the producer may send.
 STATE_LINGER_MS: Final = 5
+#: The state producer's largest record batch: a checkpoint's claims and changelog records go
+#: out in few batches (the default, 16 KiB, made one batch and one future per ~150 records).
+#: Under the broker's default message.max.bytes (1 MiB).
+STATE_BATCH_BYTES: Final = 512 * 1024
 #: How long a flusher waits before taking a batch again whose writes could not be recorded as
 #: under way (the membership state's changelog did not acknowledge).
 SEND_RETRY_S: Final = 1.0

@@ -33,10 +33,12 @@ from consumer.membership import (
 from consumer.membership.codec import (
     address_key,
     decode_address,
+    decode_address_rows,
     decode_claim,
     decode_claims_record,
     decode_member,
     encode_address,
+    encode_address_rows,
     encode_claim,
     encode_member,
     encode_repair,
@@ -93,6 +95,41 @@ class Pipeline:
 
     def active(self, list_id: str) -> dict[str, Fields]:
         return {d.address: d.fields for d in self.addresses.addresses(list_id) if d.active}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(({"L1": ("city",), "L2": ("city", "name")}, {"L1": ("city",)})),
+    st.lists(
+        st.tuples(
+            st.sampled_from(("s1", "s2")),
+            st.sampled_from(("p1", "p2")),
+            st.booleans(),
+            st.integers(0, 3),
+            st.sampled_from(("a@x.io", "B@x.io", " b@X.io")),
+            st.dictionaries(st.sampled_from(("city", "name", "tier")), st.sampled_from(("x", 1))),
+        ),
+        max_size=12,
+    ),
+)
+def test_encoded_claims_are_the_claims_encoded(
+    fields_of: dict[str, tuple[str, ...]],
+    changes: list[tuple[str, str, bool, int, str, Fields]],
+) -> None:
+    """`MemberTable.apply_encoded` (the service's path) stores the same state and makes the
+    same claim records as `apply` followed by `encode_claim` (a list without ``fields_of``
+    takes every field)."""
+    lists_of = {"s1": ("L1", "L2"), "s2": ("L2",)}
+    one, two = DictStore(), DictStore()
+    by_objects = MemberTable(one, lists_of, 3, fields_of)
+    encoded = MemberTable(two, lists_of, 3, fields_of)
+    for offset, (segment, profile, entered, at, address, fields) in enumerate(changes):
+        change = ProfileChange(segment, profile, entered, at, offset, address, fields)
+        verdict = by_objects.apply(change)
+        records: list[tuple[bytes, bytes]] = []
+        assert encoded.apply_encoded(change, records) == verdict.accepted
+        assert records == [encode_claim(claim) for claim in verdict.claims]
+        assert one.data == two.data
 
 
 # -- normalisation ---------------------------------------------------------------------------
@@ -617,6 +654,7 @@ class MembershipMachine(RuleBasedStateMachine):
         self.seen: dict[tuple[str, str], Desired] = {}  # emitted, the latest per key
         #: what the list shows per key: (active, fields), fields None when not known
         self.applied: dict[tuple[str, str], tuple[bool, Fields | None]] = {}
+        self.applications = 0
 
     def _open_tables(self) -> None:
         self.members = MemberTable(self.member_store, self.lists_of)
@@ -666,7 +704,13 @@ class MembershipMachine(RuleBasedStateMachine):
             (c.version for c in self.inputs if (c.segment_id, c.profile_id) == (segment, profile)),
             default=None,
         )
-        verdict = self.members.apply(change)
+        # Both ways, alternately: claims as objects, and encoded as stage 1 sends them.
+        if change.offset % 2:
+            verdict = self.members.apply(change)
+        else:
+            records: list[tuple[bytes, bytes]] = []
+            accepted = self.members.apply_encoded(change, records)
+            verdict = Verdict(accepted, [decode_claim(key, value) for key, value in records])
         assert verdict.accepted == (newest is None or change.version > newest)
         assert verdict.accepted or not verdict.claims
         self.inputs.append(change)
@@ -765,9 +809,18 @@ class MembershipMachine(RuleBasedStateMachine):
             self.applied[key] = (True, None)  # active in the list, fields not known
 
     def _apply(self, claim: Claim) -> None:
-        desired = self.addresses.apply(claim)
+        # Both ways in, alternately: the claim as stage 1 makes it, and as the repartition
+        # topic carries it (the service's path).
+        self.applications += 1
+        if self.applications % 2:
+            desired = self.addresses.apply(claim)
+        else:
+            desired, occurred_at_ms = self.addresses.apply_encoded(*encode_claim(claim))
+            assert occurred_at_ms == claim.version[0]
         if desired is None:
             return
+        # the origin (not part of the equality of desired states) is the newest holder's
+        assert desired.origin == self.addresses.desired(desired.list_id, desired.address).origin
         key = (desired.list_id, desired.address)
         previous = self.seen.get(key)
         if previous is None:
@@ -795,6 +848,13 @@ class MembershipMachine(RuleBasedStateMachine):
             assert desired.active == (expected is not None), (list_id, address)
             if expected is not None:
                 assert desired.fields == expected
+
+    @invariant()
+    def stored_values_are_in_the_one_format(self) -> None:
+        """Stage 2's fast path writes the bytes `encode_address` writes for the same state."""
+        for raw in self.address_store.data.values():
+            assert encode_address(decode_address(raw)) == raw
+            assert encode_address_rows(decode_address_rows(raw)) == raw
 
     @invariant()
     def emitted_states_are_the_stored_ones(self) -> None:

@@ -36,11 +36,16 @@ from collections.abc import Iterator, Mapping
 
 from consumer.membership.codec import (
     META_PREFIX,
+    AddressRows,
+    HoldingRow,
     address_key,
     decode_address,
+    decode_address_rows,
+    decode_claim_row,
     decode_fill,
     decode_routes,
     encode_address,
+    encode_address_rows,
     encode_fill,
     encode_routes,
     fill_key,
@@ -101,6 +106,20 @@ def _owes(state: AddressState) -> bool:
     return state.applied is Applied.ACTIVE
 
 
+def _newest_row(rows: list[HoldingRow]) -> HoldingRow | None:
+    """`AddressState.newest` over rows: the holding row with the highest ``(occurred_at_ms,
+    offset, segment, profile)``, i.e. ``(version, member)``."""
+    best = None
+    for row in rows:
+        if row.holds and (
+            best is None
+            or (row.occurred_at_ms, row.offset, row.segment, row.profile)
+            > (best.occurred_at_ms, best.offset, best.segment, best.profile)
+        ):
+            best = row
+    return best
+
+
 class AddressTable:
     """Stage 2 over one store (one repartition partition's state, in the service)."""
 
@@ -117,23 +136,63 @@ class AddressTable:
 
     def apply(self, claim: Claim) -> Desired | None:
         """Take one claim; the new desired state if it changed, else None."""
-        key = address_key(claim.list_id, claim.address)
-        state = self._load(key)
-        kept = state.holders.get(claim.member)
-        if kept is not None and claim.version <= kept.version:
-            return None  # older than, or the same as, what this member said last
-        before = _wanted(state)[:2]
-        state.holders[claim.member] = Holding(
-            claim.version, claim.holds, dict(claim.fields) if claim.holds else {}, claim.partition
+        segment, profile = claim.member
+        occurred_at_ms, offset = claim.version
+        row = HoldingRow(
+            segment,
+            profile,
+            occurred_at_ms,
+            offset,
+            claim.holds,
+            (dict(claim.fields) or None) if claim.holds else None,
+            claim.partition,
         )
-        after = _wanted(state)
-        changed = after[:2] != before
-        if changed:
-            state.revision += 1
-        self._store.put(key, encode_address(state))
+        return self._apply(address_key(claim.list_id, claim.address), row)
+
+    def apply_encoded(self, key: bytes, value: bytes) -> tuple[Desired | None, int]:
+        """`apply` of a claim as the repartition topic carries it (`codec.encode_claim`), without
+        building the `Claim`: (the new desired state or None, the claim's ``occurred_at_ms``)."""
+        row = decode_claim_row(value)
+        return self._apply(key, row), row.occurred_at_ms
+
+    def _apply(self, key: bytes, row: HoldingRow) -> Desired | None:
+        """The rules of `apply` on the encoded state: the member's row replaced by ``row`` if
+        ``row`` is newer (the rows stay sorted by member, as `encode_address` writes them)."""
+        raw = self._store.get(key)
+        if raw is None:
+            state = AddressRows(0, Applied.NOTHING, b"", [row])
+            before = None
+        else:
+            state = decode_address_rows(raw)
+            rows = state.holders
+            before = _newest_row(rows)
+            segment, profile = row.segment, row.profile
+            for i, kept in enumerate(rows):
+                if kept.segment == segment and kept.profile == profile:
+                    if (row.occurred_at_ms, row.offset) <= (kept.occurred_at_ms, kept.offset):
+                        return None  # older than, or the same as, what this member said last
+                    rows[i] = row
+                    break
+            else:
+                i = len(rows)
+                while i and (rows[i - 1].segment, rows[i - 1].profile) > (segment, profile):
+                    i -= 1
+                rows.insert(i, row)
+        after = _newest_row(state.holders) if before is not None or row.holds else None
+        if before is None:
+            changed = after is not None
+        else:
+            changed = after is None or (after.fields or None) != (before.fields or None)
         if not changed:
+            self._store.put(key, encode_address_rows(state))
             return None
-        return _desired(claim.list_id, claim.address, state, after)
+        list_id, address = split_key(key)  # before the write: a malformed key changes nothing
+        state.revision += 1
+        self._store.put(key, encode_address_rows(state))
+        if after is None:
+            return Desired(list_id, address, False, {}, state.revision, None)
+        origin = Origin(after.profile, after.partition, after.offset)
+        return Desired(list_id, address, True, after.fields or {}, state.revision, origin)
 
     def repair(self, list_id: str, address: str, kind: RepairKind) -> Desired | None:
         """Take a repair of `cmsync reconcile`: the desired state to offer again, or None when

@@ -176,11 +176,15 @@ async def send_batched(
     batch = producer.create_batch()
     for key, value in items:
         while batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
+            batch.close()
             sent.append(
                 (await producer.send_batch(batch, topic, partition=partition), batch.record_count())
             )
             batch = producer.create_batch()
     if batch.record_count():
+        # Closed: complete as it is, so the producer sends it at once instead of letting it
+        # linger for records that will never come (the caller waits for its acknowledgement).
+        batch.close()
         sent.append(
             (await producer.send_batch(batch, topic, partition=partition), batch.record_count())
         )

@@ -17,6 +17,11 @@ processes and releases (it is not Python's salted ``hash``).
 `encode_address` returns None when a state holds nothing worth keeping: the caller deletes the
 key and writes a tombstone to the changelog. Under the rules of this package that only happens
 to a state that was never written (releases and what was applied are kept; see the tables).
+
+Stage 2's hot path reads and writes an address state as typed rows (`AddressRows`,
+`HoldingRow`: msgspec structs decoded and encoded in one C pass, the same bytes as
+`encode_address` writes), without building the model's objects; `decode_address` and
+`encode_address` are the model's view of the same values.
 """
 
 from __future__ import annotations
@@ -43,26 +48,36 @@ __all__ = [
     "BACKFILL_PREFIX",
     "FORMAT_VERSION",
     "META_PREFIX",
+    "AddressRows",
+    "HoldingRow",
+    "MemberRow",
     "StateFormatError",
     "address_key",
     "backfill_key",
+    "claim_value",
     "decode_address",
+    "decode_address_rows",
     "decode_backfill",
     "decode_claim",
+    "decode_claim_row",
     "decode_claims_record",
     "decode_fill",
     "decode_member",
+    "decode_member_row",
     "decode_routes",
     "encode_address",
+    "encode_address_rows",
     "encode_backfill",
     "encode_claim",
     "encode_fill",
     "encode_filled",
     "encode_member",
+    "encode_member_row",
     "encode_repair",
     "encode_routes",
     "fill_key",
     "fingerprint",
+    "is_claim_value",
     "list_prefix",
     "member_key",
     "routes_key",
@@ -86,6 +101,55 @@ class StateFormatError(ValueError):
     Fatal for the partition being restored: skipping the record would silently lose state.
     The message names the format, never the content.
     """
+
+
+class HoldingRow(msgspec.Struct, array_like=True, gc=False):
+    """One member's latest claim at one (list, address), as encoded: ``[segment, profile,
+    occurred_at_ms, offset, holds, fields | nil, input partition]`` (a claim's value, and a row
+    of an address state). ``fields`` is None when empty. Not tracked by the cyclic GC: it
+    holds no container that could refer back to it."""
+
+    segment: str
+    profile: str
+    occurred_at_ms: int
+    offset: int
+    holds: bool
+    fields: dict[str, Any] | None
+    partition: int
+
+    def __repr__(self) -> str:  # personal data (the profile, its fields) stays out
+        return f"HoldingRow(holds={self.holds}, partition={self.partition})"
+
+
+class AddressRows(msgspec.Struct, array_like=True, gc=False):
+    """Stage 2's value as encoded (see `encode_address`); ``holders`` sorted by member."""
+
+    revision: int
+    applied: Applied
+    applied_fingerprint: bytes
+    holders: list[HoldingRow]
+    removed_by_sync: bool = False
+
+    def __repr__(self) -> str:  # the holders carry personal data
+        return f"AddressRows(revision={self.revision}, applied={self.applied!r})"
+
+
+class MemberRow(msgspec.Struct, array_like=True, gc=False):
+    """Stage 1's value as encoded (see `encode_member`)."""
+
+    in_segment: bool
+    occurred_at_ms: int
+    offset: int
+    address: str | None
+    fields: dict[str, Any] | None
+
+    def __repr__(self) -> str:  # the address and fields are personal data
+        return f"MemberRow(in_segment={self.in_segment})"
+
+
+_claim_row = msgspec.msgpack.Decoder(HoldingRow).decode
+_member_row = msgspec.msgpack.Decoder(MemberRow).decode
+_address_rows = msgspec.msgpack.Decoder(AddressRows).decode
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -175,9 +239,24 @@ def _body(raw: bytes, what: str) -> Any:
 def encode_member(state: MemberState) -> bytes:
     """Stage 1's value: ``[in, occurred_at_ms, offset, address | nil, fields | nil]``."""
     occurred_at_ms, offset = state.version
-    return _HEADER + _pack(
-        [state.in_segment, occurred_at_ms, offset, state.address, state.fields or None]
-    )
+    return encode_member_row(state.in_segment, occurred_at_ms, offset, state.address, state.fields)
+
+
+def encode_member_row(
+    in_segment: bool, occurred_at_ms: int, offset: int, address: str | None, fields: Fields
+) -> bytes:
+    """`encode_member` of its parts (stage 1's hot path: no `MemberState` made)."""
+    return _HEADER + _pack([in_segment, occurred_at_ms, offset, address, fields or None])
+
+
+def decode_member_row(raw: bytes) -> MemberRow:
+    """`decode_member` as a row (stage 1's hot path)."""
+    if raw[:1] != _HEADER:
+        _body(raw, "member state")  # raises the format error
+    try:
+        return _member_row(memoryview(raw)[1:])
+    except _MALFORMED as exc:
+        raise StateFormatError("member state: malformed value") from exc
 
 
 def decode_member(raw: bytes) -> MemberState:
@@ -220,6 +299,22 @@ def encode_address(state: AddressState) -> bytes | None:
             state.removed_by_sync,
         ]
     )
+
+
+def decode_address_rows(raw: bytes) -> AddressRows:
+    """`decode_address` as rows (stage 2's hot path)."""
+    if raw[:1] != _HEADER:
+        _body(raw, "address state")  # raises the format error
+    try:
+        return _address_rows(memoryview(raw)[1:])
+    except _MALFORMED as exc:
+        raise StateFormatError("address state: malformed value") from exc
+
+
+def encode_address_rows(rows: AddressRows) -> bytes:
+    """`encode_address` of rows: the same bytes for the same state (rows never hold nothing:
+    no tombstone here)."""
+    return _HEADER + _pack(rows)
 
 
 def decode_address(raw: bytes) -> AddressState:
@@ -272,10 +367,38 @@ def decode_routes(raw: bytes) -> dict[str, frozenset[str]]:
 
 def encode_claim(claim: Claim) -> tuple[bytes, bytes]:
     """The repartition record of a claim: (`address_key`, value)."""
-    holding = Holding(claim.version, claim.holds, claim.fields, claim.partition)
-    return address_key(claim.list_id, claim.address), _HEADER + _pack(
-        _holding_row(claim.member, holding)
+    segment, profile = claim.member
+    occurred_at_ms, offset = claim.version
+    value = claim_value(
+        segment, profile, occurred_at_ms, offset, claim.holds, claim.fields, claim.partition
     )
+    return address_key(claim.list_id, claim.address), value
+
+
+def claim_value(
+    segment: str,
+    profile: str,
+    occurred_at_ms: int,
+    offset: int,
+    holds: bool,
+    fields: Fields,
+    partition: int,
+) -> bytes:
+    """A claim's value (`encode_claim`) of its parts: a `HoldingRow`, ``fields`` nil when
+    empty (stage 1's hot path: no `Claim` made)."""
+    return _HEADER + _pack(
+        [segment, profile, occurred_at_ms, offset, holds, fields or None, partition]
+    )
+
+
+def decode_claim_row(value: bytes) -> HoldingRow:
+    """A claim's value as a row (stage 2's hot path; the key says the list and address)."""
+    if value[:1] != _HEADER:
+        _body(value, "claim")  # raises the format error
+    try:
+        return _claim_row(memoryview(value)[1:])
+    except _MALFORMED as exc:
+        raise StateFormatError("claim: malformed value") from exc
 
 
 def decode_claim(key: bytes, value: bytes) -> Claim:
@@ -323,6 +446,16 @@ _REPAIR_KINDS: Final = ("reassert", "extra")
 def encode_repair(repair: Repair) -> tuple[bytes, bytes]:
     """The claims topic record of a repair: (`address_key`, ``{"repair": kind}``)."""
     return address_key(repair.list_id, repair.address), _HEADER + _pack({"repair": repair.kind})
+
+
+#: The first byte after the version of a claim's value: a MessagePack array of seven.
+_CLAIM_ARRAY: Final = b"\x97"
+
+
+def is_claim_value(value: bytes) -> bool:
+    """Whether a claims topic value is a claim (the hot path: `decode_claim_row`), not a
+    backfill's completion (an array of four) or a repair (a map): `decode_claims_record`."""
+    return value[1:2] == _CLAIM_ARRAY
 
 
 def decode_claims_record(key: bytes, value: bytes) -> Claim | Filled | Repair:

@@ -35,10 +35,13 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from consumer.membership.codec import (
     BACKFILL_PREFIX,
     backfill_key,
+    claim_value,
     decode_backfill,
     decode_member,
+    decode_member_row,
     encode_backfill,
-    encode_member,
+    encode_member_row,
+    list_prefix,
     member_key,
     segment_prefix,
     split_key,
@@ -53,7 +56,7 @@ __all__ = ["MemberTable"]
 class MemberTable:
     """Stage 1 over one store (one input partition's state, in the service)."""
 
-    __slots__ = ("_fields_of", "_lists_of", "_partition", "_store")
+    __slots__ = ("_fields_of", "_keyed", "_lists_of", "_partition", "_store")
 
     def __init__(
         self,
@@ -73,6 +76,13 @@ class MemberTable:
         self._lists_of = {
             segment: tuple(dict.fromkeys(lists)) for segment, lists in lists_of.items()
         }
+        # For `apply_encoded`: per segment, each list's key prefix and the fields it takes.
+        self._keyed = {
+            segment: tuple(
+                (list_prefix(list_id), self._fields_of.get(list_id)) for list_id in lists
+            )
+            for segment, lists in self._lists_of.items()
+        }
 
     def apply(self, change: ProfileChange) -> Verdict:
         """Decide ``change`` against the stored state; store it and return its claims if newer.
@@ -80,28 +90,81 @@ class MemberTable:
         Raises ``ValueError`` for an entry without an address (the caller dead-letters it
         before; an entry the state cannot place would otherwise be lost silently).
         """
+        decided = self._decide(change)
+        if decided is None:
+            return Verdict(False, [])
+        held, address, fields = decided
+        if address is None:
+            new = MemberState(False, change.version)
+        else:
+            new = MemberState(True, change.version, address, dict(fields))
+        return Verdict(True, self._claims(change.segment_id, change.profile_id, held, new))
+
+    def apply_encoded(self, change: ProfileChange, out: list[tuple[bytes, bytes]]) -> bool:
+        """`apply`, with the claims appended to ``out`` as the repartition topic carries them
+        (`codec.encode_claim`'s records, in the order `apply` makes them) instead of returned
+        as `Claim` objects; whether the change was accepted."""
+        decided = self._decide(change)
+        if decided is None:
+            return False
+        held, address, fields = decided
+        keyed = self._keyed.get(change.segment_id, ())
+        segment, profile, partition = change.segment_id, change.profile_id, self._partition
+        occurred_at_ms, offset = change.occurred_at_ms, change.offset
+        if held is not None and held != address:
+            value = claim_value(segment, profile, occurred_at_ms, offset, False, {}, partition)
+            suffix = held.encode()
+            out += [(prefix + suffix, value) for prefix, _ in keyed]
+        if address is not None:
+            suffix = address.encode()
+            everything = None
+            for prefix, wanted in keyed:
+                if wanted is None:
+                    if everything is None:
+                        everything = claim_value(
+                            segment, profile, occurred_at_ms, offset, True, fields, partition
+                        )
+                    value = everything
+                else:
+                    taken = {k: v for k, v in fields.items() if k in wanted}
+                    value = claim_value(
+                        segment, profile, occurred_at_ms, offset, True, taken, partition
+                    )
+                out.append((prefix + suffix, value))
+        return True
+
+    def _decide(self, change: ProfileChange) -> tuple[str | None, str | None, Fields] | None:
+        """Store ``change`` if it is newer than the stored state: (the address the member held
+        before, if it was in; its address now, normalised, None if it is out; its fields now),
+        or None if it is not newer (nothing stored)."""
         key = member_key(change.segment_id, change.profile_id)
         raw = self._store.get(key)
-        old = None if raw is None else decode_member(raw)
-        version = change.version
-        if old is not None and version <= old.version:
-            return Verdict(False, [])
+        held = None
+        occurred_at_ms, offset = change.occurred_at_ms, change.offset
+        if raw is not None:
+            old = decode_member_row(raw)
+            if (occurred_at_ms, offset) <= (old.occurred_at_ms, old.offset):
+                return None
+            if old.in_segment:
+                held = old.address
         if change.entered:
             if not change.address:
                 raise ValueError("an entered change needs an address")
-            new = MemberState(True, version, normalise_address(change.address), dict(change.fields))
-        else:
-            new = MemberState(False, version)
-        self._store.put(key, encode_member(new))
-        return Verdict(True, self._claims(change.segment_id, change.profile_id, old, new))
+            address = normalise_address(change.address)
+            fields = change.fields
+            self._store.put(key, encode_member_row(True, occurred_at_ms, offset, address, fields))
+            return held, address, fields
+        self._store.put(key, encode_member_row(False, occurred_at_ms, offset, None, {}))
+        return held, None, {}
 
     def _claims(
-        self, segment_id: str, profile_id: str, old: MemberState | None, new: MemberState
+        self, segment_id: str, profile_id: str, held: str | None, new: MemberState
     ) -> list[Claim]:
+        """The claims of an accepted change: ``held`` is the address the member held before
+        (None if it was out), ``new`` its state now."""
         lists = self._lists_of.get(segment_id, ())
         member = (segment_id, profile_id)
         claims: list[Claim] = []
-        held = old.address if old is not None and old.in_segment else None
         p = self._partition
         if held is not None and held != new.address:
             claims.extend(

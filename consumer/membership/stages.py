@@ -40,6 +40,7 @@ the restored table takes as it took them the first time.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import zlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class StageOne:
         self.table = MemberTable(state.store, lists_of, state.partition, fields_of)
         self._claims_topic = claims_topic
         self._claims: list[Claim] = []
+        self._records: list[tuple[bytes, bytes]] = []  # claims of `apply`, encoded
         self._filled: list[tuple[str, str]] = []  # backfills done: (segment, list)
 
     def reconfigure(
@@ -101,13 +103,12 @@ class StageOne:
 
     @property
     def pending_claims(self) -> int:
-        return len(self._claims)
+        return len(self._claims) + len(self._records)
 
     def apply(self, change: ProfileChange) -> Verdict:
-        """Decide one change; its claims wait for the next checkpoint."""
-        verdict = self.table.apply(change)
-        self._claims += verdict.claims
-        return verdict
+        """Decide one change; its claims wait for the next checkpoint, encoded (the verdict
+        carries none: `MemberTable.apply` returns them as objects)."""
+        return Verdict(self.table.apply_encoded(change, self._records), [])
 
     def backfill(self, segment_id: str, list_id: str, limit: int) -> tuple[int, bool]:
         """Queue the next page of holds that fill ``list_id`` with ``segment_id``'s current
@@ -126,20 +127,19 @@ class StageOne:
         must read the input again from its committed offset (or give the partition up), which
         decides the same changes again."""
         claims, self._claims = self._claims, []
+        records, self._records = self._records, []
         filled, self._filled = self._filled, []
         try:
             partitions = sorted(await self.state.producer.partitions_for(self._claims_topic))
+            count = len(partitions)
             by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-            for claim in claims:
-                key, value = encode_claim(claim)
-                partition = partitions[claim_partition(key, len(partitions))]
-                by_partition.setdefault(partition, []).append((key, value))
-            for segment_id, list_id in filled:
-                record = encode_filled(
-                    Filled(list_id, segment_id, self.state.partition, len(partitions))
-                )
+            for record in itertools.chain(records, map(encode_claim, claims)):
+                partition = partitions[claim_partition(record[0], count)]
+                by_partition.setdefault(partition, []).append(record)
+            for segment_id, list_id in filled:  # after the page's claims, in every partition
+                done = encode_filled(Filled(list_id, segment_id, self.state.partition, count))
                 for partition in partitions:
-                    by_partition.setdefault(partition, []).append(record)
+                    by_partition.setdefault(partition, []).append(done)
             producer = self.state.producer
             written = await asyncio.gather(
                 *(
@@ -168,6 +168,11 @@ class StageTwo:
     def apply(self, claim: Claim) -> Desired | None:
         """Take one claim; the new desired state of its (list, address) if it changed."""
         return self.table.apply(claim)
+
+    def apply_encoded(self, key: bytes, value: bytes) -> tuple[Desired | None, int]:
+        """`apply` of a claims record (`AddressTable.apply_encoded`): (the new desired state or
+        None, the claim's ``occurred_at_ms``)."""
+        return self.table.apply_encoded(key, value)
 
     def filled(self, record: Filled) -> list[Desired]:
         """A backfill's completion (see `AddressTable.filled`)."""
