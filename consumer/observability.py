@@ -321,6 +321,20 @@ drift_repairs: Final = Counter(
     ["destination", "kind"],
     registry=REGISTRY,
 )
+drift_found: Final = Gauge(
+    "cmsync_drift_found",
+    "What the last cmsync reconcile that repaired found in a destination's list, by kind:"
+    " missing, extra, stale, protected (addresses). Exported by the replica owning the list's"
+    " record (aggregate with max by destination); absent before a first reconcile.",
+    ["destination", "kind"],
+    registry=REGISTRY,
+)
+reconcile_time: Final = Gauge(
+    "cmsync_reconcile_last_timestamp_seconds",
+    "When the last cmsync reconcile that repaired a destination handed its findings over.",
+    ["destination"],
+    registry=REGISTRY,
+)
 #: The kinds of `drift_repairs` (`consumer.membership.model.RepairKind`).
 REPAIR_KINDS: Final = ("reassert", "extra")
 state_checkpoint_failures: Final = Counter(

@@ -85,8 +85,8 @@ from consumer.listsettings import read_list_check
 from consumer.membership import changelog
 from consumer.membership.addresses import AddressTable
 from consumer.membership.changelog import InternalTopics
-from consumer.membership.codec import address_key, encode_repair
-from consumer.membership.model import AddressState, Repair, RepairKind
+from consumer.membership.codec import address_key, encode_drift_found, encode_repair
+from consumer.membership.model import AddressState, DriftFound, Repair, RepairKind
 from consumer.membership.normalise import normalise_address
 from consumer.membership.stages import claim_partition
 from consumer.ratelimit import RateLimitInfo
@@ -431,17 +431,21 @@ async def _guarded(
 
 
 async def send_repairs(
-    kafka: Mapping[str, Any], topics: InternalTopics, repairs: Sequence[Repair]
+    kafka: Mapping[str, Any],
+    topics: InternalTopics,
+    repairs: Sequence[Repair],
+    found: Sequence[DriftFound] = (),
 ) -> None:
-    """Write the repairs to the claims topic, each to its key's claims partition, and wait
-    until the broker acknowledged all of them (acks=all)."""
+    """Write the repairs to the claims topic, each to its key's claims partition, then what
+    was found per list (`DriftFound`, for the `cmsync_drift_found` gauges of the service), and
+    wait until the broker acknowledged all of them (acks=all)."""
     producer = AIOKafkaProducer(acks="all", **kafka)
     await producer.start()
     try:
         partitions = sorted(await producer.partitions_for(topics.claims))
         by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
-        for repair in repairs:
-            key, value = encode_repair(repair)
+        records = [*map(encode_repair, repairs), *map(encode_drift_found, found)]
+        for key, value in records:
             partition = partitions[claim_partition(key, len(partitions))]
             by_partition.setdefault(partition, []).append((key, value))
         await asyncio.gather(
@@ -531,9 +535,12 @@ async def reconcile(
             repairs=len(drift.repairs),
             dry_run=dry_run,
         )
-    repairs = [r for d in drifts if d.failed is None for r in d.repairs]
-    if repairs and not dry_run:
-        await send_repairs(kafka, topics, repairs)
+    read = [d for d in drifts if d.failed is None]
+    repairs = [r for d in read for r in d.repairs]
+    if read and not dry_run:
+        lists = {d.name: d.list_id for d in chosen}
+        found = [DriftFound(lists[d.name], {str(k): n for k, n in d.counts.items()}) for d in read]
+        await send_repairs(kafka, topics, repairs, found)
         for drift in drifts:
             drift.repairs_sent = len(drift.repairs) if drift.failed is None else 0
     return Outcome(drifts, clock() - started, dry_run, skipped)

@@ -52,7 +52,14 @@ from consumer.intake import Intake
 from consumer.membership import changelog
 from consumer.membership.changelog import InternalTopics
 from consumer.membership.codec import decode_claims_record, is_claim_value
-from consumer.membership.model import Applied, Desired, Filled, ProfileChange, Repair
+from consumer.membership.model import (
+    Applied,
+    Desired,
+    DriftFound,
+    Filled,
+    ProfileChange,
+    Repair,
+)
 from consumer.membership.stages import Durable, StageOne, StageTwo
 from consumer.rows import Wanted, payload_bytes, view_of, wanted
 from consumer.settings import Destination
@@ -480,6 +487,9 @@ class MembershipState:
                         now_ms = int(self._wall_clock() * 1000)
                         changed += ((d, now_ms, record.offset) for d in stage.filled(other))
                         continue
+                    if isinstance(other, DriftFound):
+                        self._note_drift(other, record.timestamp)
+                        continue
                     if not isinstance(other, Repair):  # a claim: stage 1 writes none this way
                         desired = stage.apply(other)
                         occurred_at_ms = other.version[0]
@@ -495,6 +505,16 @@ class MembershipState:
         if self._backfills:  # their pacing counts the claims not taken yet
             self._intake.notify()
         self._count_repairs(repairs)
+
+    def _note_drift(self, found: DriftFound, at_ms: int) -> None:
+        """A reconcile's findings for one list (it sent them after its repairs)."""
+        target = self._targets.get(found.list_id)
+        if target is None:
+            return
+        name = target.destination.name
+        for kind, count in found.counts.items():
+            obs.drift_found.labels(destination=name, kind=kind).set(count)
+        obs.reconcile_time.labels(destination=name).set(at_ms / 1000)
 
     def _count_repairs(self, repairs: Iterable[Repair]) -> None:
         for repair in repairs:

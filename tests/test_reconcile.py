@@ -69,6 +69,17 @@ def repairs_taken(dest: str, kind: str) -> float:
     return value
 
 
+def found(dest: str) -> dict[str, float]:
+    """The service's `cmsync_drift_found` gauges of a destination, by kind."""
+    return {
+        kind: obs.REGISTRY.get_sample_value(
+            "cmsync_drift_found", {"destination": dest, "kind": kind}
+        )
+        or 0.0
+        for kind in ("missing", "extra", "stale", "protected")
+    }
+
+
 async def claims_repairs(h: SyncHarness) -> list[Repair]:
     """The repair records of the rig's claims topic (read from the start)."""
     topic = InternalTopics.of_group(h.group).claims
@@ -122,6 +133,9 @@ async def test_each_kind_of_drift_is_reported_and_repaired_through_the_service(
         assert h.state_of("news", address("cat")) == "Unsubscribed"
         assert h.state_of("news", "hand@example.com") == "Active"  # extras kept
         assert repairs_taken("news", "reassert") == before + 2
+        # what was found is handed to the service too, which exports it
+        first = {"missing": 1, "extra": 1, "stale": 1, "protected": 2}
+        await until(h, lambda: found("news") == first, "the findings exported")
         again = await reconcile(h.settings())
         assert counts(again) == {
             "expected": 5,
@@ -132,6 +146,8 @@ async def test_each_kind_of_drift_is_reported_and_repaired_through_the_service(
             "protected": 2,
         }
         assert again.drifts[0].repairs_sent == 0
+        second = {"missing": 0, "extra": 1, "stale": 0, "protected": 2}
+        await until(h, lambda: found("news") == second, "the second run's findings exported")
 
 
 async def test_extras_are_removed_on_request_and_always_brings_back_what_was_deleted_by_hand(

@@ -36,6 +36,7 @@ from consumer.membership.model import (
     AddressState,
     Applied,
     Claim,
+    DriftFound,
     Fields,
     Filled,
     Holding,
@@ -69,6 +70,7 @@ __all__ = [
     "encode_address_rows",
     "encode_backfill",
     "encode_claim",
+    "encode_drift_found",
     "encode_fill",
     "encode_filled",
     "encode_member",
@@ -458,10 +460,22 @@ def is_claim_value(value: bytes) -> bool:
     return value[1:2] == _CLAIM_ARRAY
 
 
-def decode_claims_record(key: bytes, value: bytes) -> Claim | Filled | Repair:
+def encode_drift_found(found: DriftFound) -> tuple[bytes, bytes]:
+    """The claims topic record of a reconcile's findings for one list: keyed by the list with
+    an empty address (as `Filled`), ``{"drift": {kind: count}}``."""
+    return address_key(found.list_id, ""), _HEADER + _pack({"drift": found.counts})
+
+
+def decode_claims_record(key: bytes, value: bytes) -> Claim | Filled | Repair | DriftFound:
     """A record of the repartition topic: a `Claim`, a `Filled` (four elements, the first one
-    ``"filled"``; a claim has seven), or a `Repair` (a map, ``{"repair": kind}``)."""
+    ``"filled"``; a claim has seven), a `Repair` (a map, ``{"repair": kind}``) or a
+    `DriftFound` (a map, ``{"drift": {kind: count}}``)."""
     body = _checked_body(value, "claim")
+    if isinstance(body, dict) and "drift" in body:
+        drift = body["drift"]
+        if not (isinstance(drift, dict) and all(isinstance(n, int) for n in drift.values())):
+            raise StateFormatError("claims record: malformed drift counts")
+        return DriftFound(split_key(key)[0], {str(k): n for k, n in drift.items()})
     if isinstance(body, dict):
         kind = body.get("repair")
         if kind == "reassert" or kind == "extra":

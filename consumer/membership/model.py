@@ -15,6 +15,7 @@ __all__ = [
     "Applied",
     "Claim",
     "Desired",
+    "DriftFound",
     "FieldValue",
     "Fields",
     "Filled",
@@ -114,6 +115,15 @@ class Repair:
     list_id: str
     address: str = field(repr=False)
     kind: RepairKind
+
+
+class DriftFound(NamedTuple):
+    """`cmsync reconcile` → the service, once per destination it repaired: how many addresses
+    of ``list_id``'s list it found in each class (missing, extra, stale, protected), counts
+    only. Keyed by the list, so one owner exports it (`cmsync_drift_found`)."""
+
+    list_id: str
+    counts: dict[str, int]
 
 
 class Verdict(NamedTuple):
