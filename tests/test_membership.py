@@ -35,13 +35,16 @@ from consumer.membership.codec import (
     decode_address,
     decode_address_rows,
     decode_claim,
+    decode_claim_row,
     decode_claims_record,
     decode_member,
     encode_address,
     encode_address_rows,
     encode_claim,
+    encode_filled,
     encode_member,
     encode_repair,
+    is_claim_value,
     member_key,
     segment_prefix,
     split_key,
@@ -573,6 +576,20 @@ def test_repairs_and_claims_share_the_claims_topic_without_confusion(kind: str) 
         decode_claim(key, value)  # what a release without repairs makes of one: refused
     with pytest.raises(StateFormatError, match="unknown repair"):
         decode_claims_record(key, value[:1] + msgspec.msgpack.encode({"repair": "drop"}))
+
+
+def test_the_service_takes_claims_and_only_claims_the_typed_way() -> None:
+    """`is_claim_value` (what `handle_claims` sends to `apply_encoded`) holds for every claim,
+    and for neither a `Filled` nor a repair (those go to `decode_claims_record`)."""
+    cases: list[tuple[bool, Fields]] = [(True, {"city": "Oslo"}), (True, {}), (False, {})]
+    for holds, fields in cases:
+        claim = Claim(LIST_A, "ada@x.io", (VIP, "p1"), (1, 2), holds, fields, 3)
+        value = encode_claim(claim)[1]
+        assert is_claim_value(value)
+        row = decode_claim_row(value)
+        assert (row.segment, row.profile, row.occurred_at_ms, row.holds) == (VIP, "p1", 1, holds)
+    assert not is_claim_value(encode_filled(Filled(LIST_A, VIP, 0, 1))[1])
+    assert not is_claim_value(encode_repair(Repair(LIST_A, "ada@x.io", "extra"))[1])
 
 
 def test_equal_states_encode_to_equal_bytes_whatever_the_insertion_order() -> None:
