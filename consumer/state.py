@@ -479,10 +479,11 @@ class MembershipState:
         apply = stage.apply_encoded
         async with room.lock:
             for record in records:
-                if is_claim_value(record.value):
-                    desired, occurred_at_ms = apply(record.key, record.value)
+                value = record.value or b""  # a tombstone is refused below, as damaged
+                if is_claim_value(value):
+                    desired, occurred_at_ms = apply(record.key, value)
                 else:
-                    other = decode_claims_record(record.key, record.value)
+                    other = decode_claims_record(record.key, value)
                     if isinstance(other, Filled):
                         now_ms = int(self._wall_clock() * 1000)
                         changed += ((d, now_ms, record.offset) for d in stage.filled(other))
