@@ -427,9 +427,10 @@ class MembershipState:
     async def reconfigure(self, destinations: Sequence[Destination]) -> None:
         """Take a new destinations file without a restart or a rebalance: stage 1 feeds the
         new routes from now on and forgets the progress of pairs no longer configured, stage
-        2 fits its stores to them (a list gone is forgotten, a list that lost a segment loses
-        its holders: the changes go to the buffers), and the lists a segment gained are
-        backfilled. Call after `set_targets` for the new destinations."""
+        2 fits its stores to them (`AddressTable.refit`: a list that lost a segment loses that
+        segment's holders, and the changes go to the buffers; a list gone loses every holder
+        and keeps what was applied), and the lists a segment gained are backfilled. Call after
+        `set_targets` for the new destinations."""
         routing = self._routing = Routing.of(destinations)
         pairs = routing.pairs
         for partition, room in list(self._members.items()):
