@@ -38,6 +38,7 @@ from consumer.campaign_monitor.client import (
     TransientError,
 )
 from consumer.campaign_monitor.errors import DESCRIPTIONS
+from consumer.cli import parse_args
 from consumer.destinations import (
     CONNECTION_KEYS,
     DESTINATION_KEYS,
@@ -399,10 +400,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     """`cmsync check-config`: 0 valid, 2 usage or configuration error."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = parse_args(_parser(), argv)
+    if isinstance(args, int):
+        return args
     env: dict[str, str] = {}
     origins: dict[str, str] = {}
     try:

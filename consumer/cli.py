@@ -7,6 +7,7 @@ Exit codes follow the contract: 0 success, 2 usage or configuration error, 1 any
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 USAGE = "usage: cmsync [-h] [--version] COMMAND [options]"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """``parser.parse_args(argv)``, or the exit code argparse chose instead (0 after
+    ``--help``, 2 for a usage error): a command's ``cli_main`` returns its code, never exits."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 def _help() -> str:

@@ -78,6 +78,7 @@ from aiokafka.errors import KafkaError
 
 from consumer import observability as obs
 from consumer.campaign_monitor.client import MAX_PAGE_SIZE, SubscriberRow
+from consumer.cli import parse_args
 from consumer.consent import ConsentBook, ConsentUnknownError, ListConsent, OptOuts
 from consumer.fieldtypes import FieldType, Unfit, key_of
 from consumer.gateway import ApiGateway, gateways_for
@@ -615,10 +616,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     """`cmsync reconcile` (exit codes: module docstring)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = parse_args(_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         settings = load_settings(os.environ)
     except ConfigError as exc:

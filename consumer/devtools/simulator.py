@@ -101,6 +101,7 @@ from typing import Any, Final, Literal
 import orjson
 from aiohttp import web
 
+from consumer.cli import parse_args
 from consumer.devtools import _simstate as model
 from consumer.devtools._simstate import ApiError, SimList, SimState, TokenBucket
 
@@ -1306,11 +1307,9 @@ def _config_from_args(
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = _parser()
-    try:
-        ns = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else 2
+    ns = parse_args(_parser(), argv)
+    if isinstance(ns, int):
+        return ns
     try:
         config, lists = _config_from_args(ns)
         sim = Simulator(config)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -149,6 +150,7 @@ class MemberRow(msgspec.Struct, array_like=True, gc=False):
         return f"MemberRow(in_segment={self.in_segment})"
 
 
+_Row = TypeVar("_Row")
 _claim_row = msgspec.msgpack.Decoder(HoldingRow).decode
 _member_row = msgspec.msgpack.Decoder(MemberRow).decode
 _address_rows = msgspec.msgpack.Decoder(AddressRows).decode
@@ -251,14 +253,20 @@ def encode_member_row(
     return _HEADER + _pack([in_segment, occurred_at_ms, offset, address, fields or None])
 
 
+def _typed(raw: bytes, what: str, decode: Callable[[memoryview], _Row]) -> _Row:
+    """A value decoded straight into its typed rows (the hot paths), a wrong version byte or
+    a damaged value raising `StateFormatError` as `_body` does."""
+    if raw[:1] != _HEADER:
+        _body(raw, what)  # raises the format error
+    try:
+        return decode(memoryview(raw)[1:])
+    except _MALFORMED as exc:
+        raise StateFormatError(f"{what}: malformed value") from exc
+
+
 def decode_member_row(raw: bytes) -> MemberRow:
     """`decode_member` as a row (stage 1's hot path)."""
-    if raw[:1] != _HEADER:
-        _body(raw, "member state")  # raises the format error
-    try:
-        return _member_row(memoryview(raw)[1:])
-    except _MALFORMED as exc:
-        raise StateFormatError("member state: malformed value") from exc
+    return _typed(raw, "member state", _member_row)
 
 
 def decode_member(raw: bytes) -> MemberState:
@@ -305,12 +313,7 @@ def encode_address(state: AddressState) -> bytes | None:
 
 def decode_address_rows(raw: bytes) -> AddressRows:
     """`decode_address` as rows (stage 2's hot path)."""
-    if raw[:1] != _HEADER:
-        _body(raw, "address state")  # raises the format error
-    try:
-        return _address_rows(memoryview(raw)[1:])
-    except _MALFORMED as exc:
-        raise StateFormatError("address state: malformed value") from exc
+    return _typed(raw, "address state", _address_rows)
 
 
 def encode_address_rows(rows: AddressRows) -> bytes:
@@ -395,12 +398,7 @@ def claim_value(
 
 def decode_claim_row(value: bytes) -> HoldingRow:
     """A claim's value as a row (stage 2's hot path; the key says the list and address)."""
-    if value[:1] != _HEADER:
-        _body(value, "claim")  # raises the format error
-    try:
-        return _claim_row(memoryview(value)[1:])
-    except _MALFORMED as exc:
-        raise StateFormatError("claim: malformed value") from exc
+    return _typed(value, "claim", _claim_row)
 
 
 def decode_claim(key: bytes, value: bytes) -> Claim:
